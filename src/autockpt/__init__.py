@@ -1,0 +1,19 @@
+"""autockpt: training runs that survive interruption.
+
+```python
+import autockpt
+with autockpt.CheckpointManager("runs/exp1", max_to_keep=3) as mgr:
+    start = mgr.restore({"model": model, "opt": opt}) or 0
+    ...
+    mgr.save(step, {"model": model, "opt": opt})
+```
+"""
+
+__version__ = "0.1.0"
+
+from autockpt import errors  # noqa: E402
+from autockpt.manager import CheckpointManager, load  # noqa: E402
+from autockpt.retention import KeepBest  # noqa: E402
+from autockpt.rng import RNGState  # noqa: E402
+
+__all__ = ["CheckpointManager", "KeepBest", "RNGState", "errors", "load", "__version__"]
