@@ -80,6 +80,7 @@ class Storage:
                 return os.listdir(self.root)
             except (FileNotFoundError, NotADirectoryError):
                 return []
+        self.fs.invalidate_cache(self.root)  # another process may have written since we last listed
         try:
             return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:

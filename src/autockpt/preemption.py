@@ -1,0 +1,109 @@
+"""Turning preemption signals into a flag that a training loop checks at step boundaries.
+
+A signal handler must not save: it runs between two bytecodes of whatever the program was doing, perhaps
+half-way through an optimizer update. ``PreemptionWatcher`` only records the signal; the loop (or callback)
+finishes the current step, saves, and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+from autockpt.errors import InvalidArgumentError
+
+log = logging.getLogger("autockpt")
+
+DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _signal_numbers(signals: Iterable[int | str]) -> tuple[int, ...]:
+    out = []
+    for s in signals:
+        if isinstance(s, str):
+            name = s.upper() if s.upper().startswith("SIG") else "SIG" + s.upper()
+            if not hasattr(signal, name):
+                raise InvalidArgumentError(f"unknown signal name {s!r}; use e.g. 'SIGTERM' or signal.SIGUSR1")
+            out.append(int(getattr(signal, name)))
+        elif isinstance(s, int) and not isinstance(s, bool):
+            out.append(int(s))
+        else:
+            raise InvalidArgumentError(f"signals must be signal numbers or names, got {s!r}")
+    return tuple(out)
+
+
+class PreemptionWatcher:
+    """Records SIGTERM/SIGUSR1 (configurable), and optionally Ctrl-C, as a flag instead of dying.
+
+    Handlers installed before are still called (a SLURM requeue handler keeps working), except the default
+    actions that would end the process at once. With ``catch_sigint=True`` the first Ctrl-C sets the flag
+    and a second one raises ``KeyboardInterrupt`` as usual. Repeated signals while the final save runs are
+    recorded and otherwise ignored, so they cannot interrupt it.
+
+    ```python
+    from autockpt.preemption import PreemptionWatcher
+    with PreemptionWatcher() as watcher:
+        for step in range(1000):
+            ...  # one optimizer update
+            if watcher.triggered:
+                ...  # save, then stop
+                break
+    ```
+    """
+
+    def __init__(self, signals: Iterable[int | str] = DEFAULT_SIGNALS, catch_sigint: bool = False) -> None:
+        self.signals = _signal_numbers(signals)
+        if not isinstance(catch_sigint, bool):
+            raise InvalidArgumentError(f"catch_sigint must be True or False, got {catch_sigint!r}")
+        self.catch_sigint = catch_sigint
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._installed = False
+
+    @property
+    def triggered(self) -> bool:
+        """True once a watched signal arrived."""
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+            log.warning("autockpt: received %s; will save at the end of the current step and stop",
+                        signal.Signals(signum).name)
+        prev = self._previous.get(signum)
+        if callable(prev) and signum != signal.SIGINT:
+            prev(signum, frame)
+
+    def install(self) -> PreemptionWatcher:
+        """Install the handlers (main thread only; elsewhere it warns and watches nothing)."""
+        if self._installed:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("autockpt: not in the main thread; preemption signals will not be caught")
+            return self
+        sigs = self.signals + ((signal.SIGINT,) if self.catch_sigint else ())
+        for s in sigs:
+            self._previous[s] = signal.signal(s, self._handle)
+        self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back."""
+        if not self._installed:
+            return
+        for s, prev in self._previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self._installed = False
+
+    def __enter__(self) -> PreemptionWatcher:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()

@@ -1,0 +1,87 @@
+"""Shared fixtures: a real S3-compatible server (moto_server) on 127.0.0.1, and storage URLs to test on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class S3Server:
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.storage_options: dict[str, Any] = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+
+    def new_bucket(self) -> str:
+        import s3fs
+
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True).mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto_server process serving S3 on 127.0.0.1, for the whole session."""
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the dev extra (moto[server])")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto_server did not start")
+            time.sleep(0.1)
+    try:
+        yield S3Server(f"http://127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server) -> tuple[str, dict[str, Any]]:
+    """A fresh bucket: (url, storage_options)."""
+    return f"s3://{s3_server.new_bucket()}/run", s3_server.storage_options
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """(url, storage_options) on each kind of storage we support."""
+    if request.param == "local":
+        return str(tmp_path / "run"), {}
+    if request.param == "memory":
+        return f"memory://autockpt-tests/{uuid.uuid4().hex}", {}
+    server: S3Server = request.getfixturevalue("s3_server")
+    return f"s3://{server.new_bucket()}/run", server.storage_options
