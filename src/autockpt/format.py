@@ -124,7 +124,7 @@ def tensor_bytes(value: Any) -> memoryview:
         if t.numel() == 0:
             return memoryview(b"")
         return memoryview(t.reshape(-1).view(_torch().uint8).numpy())
-    arr = np.ascontiguousarray(value)
+    arr: Any = np.ascontiguousarray(value)
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
@@ -281,10 +281,10 @@ def write_safetensors(f: BinaryIO, entries: list[TensorEntry]) -> tuple[int, str
     f.write(header)
     h.update(header)
     size = len(header)
-    for e in sorted(entries, key=lambda e: offsets[e.name][0]):
-        data = tensor_bytes(e.value)
-        if len(data) != e.nbytes:
-            raise UnsupportedValueError(f"tensor {e.name!r} changed shape while it was being saved")
+    for entry in sorted(entries, key=lambda e: offsets[e.name][0]):
+        data = tensor_bytes(entry.value)
+        if len(data) != entry.nbytes:
+            raise UnsupportedValueError(f"tensor {entry.name!r} changed shape while it was being saved")
         for i in range(0, len(data), _CHUNK):
             chunk = data[i : i + _CHUNK]
             f.write(chunk)
@@ -309,9 +309,9 @@ def parse_safetensors_header(buf: Any, file_size: int, file_name: str) -> tuple[
     header.pop("__metadata__", None)
     data_len = file_size - 8 - n
     spans = []
-    for name, e in header.items():
+    for name, item in header.items():
         try:
-            dtype, shape, (b, end) = e["dtype"], e["shape"], e["data_offsets"]
+            dtype, shape, (b, end) = item["dtype"], item["shape"], item["data_offsets"]
             ok = dtype in _ST_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
             ok = ok and isinstance(b, int) and isinstance(end, int) and 0 <= b <= end <= data_len
             ok = ok and end - b == math.prod(shape) * _ST_DTYPES[dtype][1]
@@ -447,7 +447,7 @@ def new_manifest(
     state_tree: dict[str, Any],
     tensors: dict[str, dict[str, Any]],
     files: dict[str, dict[str, Any]],
-    metrics: dict[str, float],
+    metrics: dict[str, float | None],
     metadata: dict[str, Any],
     run_start: float,
 ) -> dict[str, Any]:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs autockpt with every extra. Re-runs are fast: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.autockpt-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # torch==2.13.0 is pinned: the CPU build lies on this machine's disk; an unpinned torch pulls CUDA.
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[torch,keras,lightning,s3,dev]" 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    KERAS_BACKEND=torch .venv/bin/python -c "import autockpt, torch, keras, lightning, s3fs, moto" >/dev/null
+    echo "$want" > "$stamp"
+fi
