@@ -1,0 +1,221 @@
+"""CheckpointManager on local disk, memory:// and a real S3-compatible server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import autockpt
+from autockpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    StateMismatchError,
+)
+from autockpt.storage import Storage, step_dirname
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+
+
+def _objects(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    return model, opt, sched
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_restore_is_exact_and_in_place(storage: tuple[str, dict[str, Any]]) -> None:
+    url, opts = storage
+    model, opt, sched = _objects(0)
+    _train(model, opt, sched, 3)
+    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+        assert mgr.save(3, {"model": model, "opt": opt, "sched": sched, "rng": autockpt.RNGState(), "epoch": 1})
+        assert mgr.all_steps() == [3] and mgr.latest_step == 3
+    expected_next = torch.rand(2)
+    saved = _snapshot(model)
+    _train(model, opt, sched, 2)  # the uninterrupted continuation
+    continued = _snapshot(model)
+
+    model2, opt2, sched2 = _objects(1)
+    ids = [id(p) for p in model2.parameters()]
+    state = {"model": model2, "opt": opt2, "sched": sched2, "rng": autockpt.RNGState(), "epoch": 0}
+    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+        assert mgr.restore(state) == 3
+    assert [id(p) for p in model2.parameters()] == ids  # parameters keep their identity
+    assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
+    assert state["epoch"] == 1 and sched2.last_epoch == 3
+    assert torch.equal(torch.rand(2), expected_next)  # the RNG continues where it was saved
+    # the optimizer built on the same parameters keeps working, and continues exactly as the original did
+    _train(model2, opt2, sched2, 2)
+    assert all(torch.equal(continued[k], v) for k, v in model2.state_dict().items())
+
+
+def test_empty_directory_restores_nothing(storage: tuple[str, dict[str, Any]]) -> None:
+    url, opts = storage
+    model, _, _ = _objects()
+    before = _snapshot(model)
+    mgr = autockpt.CheckpointManager(url, storage_options=opts)
+    assert mgr.restore({"model": model}) is None
+    assert mgr.latest_step is None and mgr.all_steps() == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointNotFoundError):
+        mgr.restore({"model": model}, step=5)
+    with pytest.raises(CheckpointNotFoundError):
+        autockpt.load(url, storage_options=opts)
+
+
+def test_retention_max_to_keep_and_keep_best(storage: tuple[str, dict[str, Any]]) -> None:
+    url, opts = storage
+    losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.1, 5: 0.7, 6: 0.8, 7: 0.6}
+    kb = autockpt.KeepBest("val_loss", mode="min", k=2)
+    with autockpt.CheckpointManager(url, max_to_keep=2, keep_best=kb, storage_options=opts) as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"w": np.full(3, step, np.float32)}, metrics={"val_loss": loss})
+        assert mgr.all_steps() == [2, 4, 6, 7]
+    # a restarted manager keeps applying the same policy to what is on storage
+    with autockpt.CheckpointManager(url, max_to_keep=2, keep_best=kb, storage_options=opts) as mgr:
+        assert mgr.all_steps() == [2, 4, 6, 7]
+        mgr.save(8, {"w": np.full(3, 8, np.float32)}, metrics={"val_loss": 0.15})
+        assert mgr.all_steps() == [4, 7, 8]
+    assert autockpt.load(url, step=4, storage_options=opts)["w"].tolist() == [4, 4, 4]
+
+
+def _damage_payload(url: str, opts: dict[str, Any], step: int) -> None:
+    st = Storage(url, opts)
+    path = st.path(step_dirname(step), "tensors.safetensors")
+    data = bytearray(st.fs.cat_file(path))
+    data[-1] ^= 0xFF
+    st.fs.pipe_file(path, bytes(data))
+
+
+def test_falls_back_past_a_damaged_newest_checkpoint(storage: tuple[str, dict[str, Any]],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    url, opts = storage
+    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+        mgr.save(1, {"w": torch.full((4,), 1.0)})
+        mgr.save(2, {"w": torch.full((4,), 2.0)})
+    _damage_payload(url, opts, 2)
+    target = {"w": torch.zeros(4)}
+    with caplog.at_level(logging.WARNING, logger="autockpt"):
+        assert autockpt.CheckpointManager(url, storage_options=opts).restore(target) == 1
+    assert any("step_0000000002" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+    assert torch.equal(target["w"], torch.full((4,), 1.0))
+    with pytest.raises(CorruptCheckpointError):
+        autockpt.CheckpointManager(url, storage_options=opts).restore(target, step=2)
+    assert torch.equal(target["w"], torch.full((4,), 1.0))
+    assert autockpt.load(url, storage_options=opts)["w"][0] == 1.0
+
+
+def test_mismatch_raises_before_anything_is_copied(tmp_path: Path) -> None:
+    model, opt, _ = _objects()
+    with autockpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"model": model, "opt": opt, "w": torch.ones(3)})
+    torch.manual_seed(5)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    before = _snapshot(wider)
+    w = torch.zeros(3)
+    with pytest.raises(StateMismatchError) as ei:
+        autockpt.CheckpointManager(tmp_path).restore({"model": wider, "opt": opt, "w": w})
+    assert any("model/2.weight" in m for m in ei.value.mismatched)
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items()) and w.sum() == 0
+    # missing / unexpected keys, named
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(StateMismatchError) as ei:
+        autockpt.CheckpointManager(tmp_path).restore({"model": other, "opt": opt, "w": w})
+    assert "model/1.running_mean" in ei.value.unexpected and "model/1.weight" in " ".join(ei.value.mismatched)
+    with pytest.raises(StateMismatchError) as ei:
+        autockpt.CheckpointManager(tmp_path).restore({"model": model, "opt": opt, "w": w, "ema": torch.zeros(1)})
+    assert ei.value.missing == ["ema"]
+    with pytest.raises(StateMismatchError, match="float64|F64"):
+        w64 = torch.zeros(3, dtype=torch.float64)
+        autockpt.CheckpointManager(tmp_path).restore({"model": model, "opt": opt, "w": w64})
+    # an optimizer over a different set of parameters
+    opt_small = torch.optim.AdamW(list(model.parameters())[:2])
+    with pytest.raises(StateMismatchError, match="param_groups"):
+        autockpt.CheckpointManager(tmp_path).restore({"model": model, "opt": opt_small, "w": w})
+
+
+def test_intervals_and_force(tmp_path: Path) -> None:
+    mgr = autockpt.CheckpointManager(tmp_path, save_interval_steps=5, max_to_keep=None)
+    saved = [s for s in range(1, 13) if mgr.save(s, {"s": s})]
+    assert saved == [5, 10] and mgr.should_save(15) and not mgr.should_save(16)
+    assert mgr.save(11, {"s": 11}, force=True)
+    assert not mgr.save(11, {"s": 11}, force=True)  # already committed
+    timed = autockpt.CheckpointManager(tmp_path / "t", save_interval_seconds=0.2)
+    assert not timed.should_save(1)
+    time.sleep(0.25)
+    assert timed.save(1, {"s": 1}) and not timed.should_save(2)
+
+
+def test_async_save_snapshot_and_errors(tmp_path: Path) -> None:
+    w = torch.zeros(1000)
+    with autockpt.CheckpointManager(tmp_path, async_save=True) as mgr:
+        assert mgr.save(1, {"w": w})
+        w.fill_(7.0)  # changing the weights after save() returns never changes what is saved
+        mgr.wait_until_finished()
+        assert mgr.latest_step == 1
+    assert torch.equal(autockpt.load(tmp_path)["w"], torch.zeros(1000))
+    # a background failure surfaces on the next call instead of vanishing
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the directory should be")
+    mgr = autockpt.CheckpointManager(blocker / "run", async_save=True)
+    assert mgr.save(1, {"w": w})
+    with pytest.raises(autockpt.errors.SaveError):
+        mgr.wait_until_finished()
+
+
+def test_bad_arguments_fail_early(tmp_path: Path) -> None:
+    bad: list[dict[str, Any]] = [
+        {"max_to_keep": 0}, {"keep_every_n_hours": -1}, {"keep_best": "loss"},
+        {"save_interval_steps": 1.5}, {"save_interval_seconds": 0}, {"async_save": "yes"},
+    ]
+    for kwargs in bad:
+        with pytest.raises(InvalidArgumentError, match=next(iter(kwargs))):
+            autockpt.CheckpointManager(tmp_path, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="mode"):
+        autockpt.KeepBest("loss", mode="lowest")  # type: ignore[arg-type]
+    mgr = autockpt.CheckpointManager(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="step"):
+        mgr.save(-1, {})
+    with pytest.raises(InvalidArgumentError, match="metric"):
+        mgr.save(1, {}, metrics={"loss": "low"})
+    with pytest.raises(InvalidArgumentError, match="metadata"):
+        mgr.save(1, {}, metadata={"f": object()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_leftovers_of_a_crash_are_cleaned_and_foreign_files_kept(tmp_path: Path) -> None:
+    with autockpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": np.ones(2)})
+    (tmp_path / ".tmp-step_0000000002-0123abcd").mkdir()
+    (tmp_path / ".tmp-step_0000000002-0123abcd" / "tensors.safetensors").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".tmp-user-thing").mkdir()
+    autockpt.CheckpointManager(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-user-thing", "notes.txt", "step_0000000001"]
+
+
+def test_context_manager_and_close(tmp_path: Path) -> None:
+    with autockpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"x": 1})
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        mgr.save(2, {"x": 2})
+    mgr.close()  # idempotent
