@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import autockpt
-from autockpt.manager import open_checkpoint
+from autockpt.reader import open_checkpoint
 from autockpt.storage import Storage
 
 SCRIPT = Path(__file__).parent / "scripts" / "kill_writer.py"

@@ -12,7 +12,8 @@ with autockpt.CheckpointManager("runs/exp1", max_to_keep=3) as mgr:
 __version__ = "0.1.0"
 
 from autockpt import errors  # noqa: E402
-from autockpt.manager import CheckpointManager, load  # noqa: E402
+from autockpt.manager import CheckpointManager  # noqa: E402
+from autockpt.reader import load  # noqa: E402
 from autockpt.retention import KeepBest  # noqa: E402
 from autockpt.rng import RNGState  # noqa: E402
 

@@ -218,34 +218,51 @@ class TreeEncoder:
         )
 
 
-def decode_tree(node: Any, tensor: Callable[[str], Any], path: tuple[Any, ...] = ()) -> Any:
-    """Rebuild plain values from a manifest tree; ``tensor(name)`` supplies each tensor."""
+def _child(like: Any, key: Any) -> Any:
+    if isinstance(like, Mapping):
+        try:
+            return like.get(key)
+        except TypeError:
+            return None
+    if isinstance(like, (list, tuple)) and isinstance(key, int) and 0 <= key < len(like):
+        return like[key]
+    return None
+
+
+def decode_tree(node: Any, tensor: Callable[[str, Any], Any], path: tuple[Any, ...] = (), like: Any = None) -> Any:
+    """Rebuild plain values from a manifest tree; ``tensor(name, like)`` supplies each tensor.
+
+    ``like`` is the value at the same place in the object being restored (or None); it is handed to
+    ``tensor`` so that a tensor can be read straight into the target's own memory.
+    """
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if isinstance(node, list):
-        return [decode_tree(v, tensor, (*path, i)) for i, v in enumerate(node)]
+        return [decode_tree(v, tensor, (*path, i), _child(like, i)) for i, v in enumerate(node)]
     if not isinstance(node, dict) or not isinstance(node.get("type"), str):
         raise CorruptCheckpointError(f"malformed state tree node at key path {_path_str(path)!r}")
     kind = node["type"]
     try:
         if kind == "tensor":
-            return tensor(node["name"])
+            if not isinstance(node["name"], str):
+                raise TypeError("tensor name is not a string")
+            return tensor(node["name"], like)
         if kind == "tuple":
-            return tuple(decode_tree(v, tensor, (*path, i)) for i, v in enumerate(node["items"]))
+            return tuple(decode_tree(v, tensor, (*path, i), _child(like, i)) for i, v in enumerate(node["items"]))
         if kind == "dict" and "items" in node:
-            return {str(k): decode_tree(v, tensor, (*path, k)) for k, v in node["items"].items()}
+            return {str(k): decode_tree(v, tensor, (*path, k), _child(like, k)) for k, v in node["items"].items()}
         if kind == "dict":
             out = {}
             for k, v in node["pairs"]:
                 key = decode_tree(k, tensor, (*path, "<key>"))
-                out[key] = decode_tree(v, tensor, (*path, key))
+                out[key] = decode_tree(v, tensor, (*path, key), _child(like, key))
             return out
         if kind == "float":
             return float(node["value"])
         if kind == "bytes":
             return base64.b64decode(node["b64"], validate=True)
         if kind == "stateful":
-            return decode_tree(node["state"], tensor, path)
+            return decode_tree(node["state"], tensor, path, like)
     except CorruptCheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -293,15 +310,18 @@ def write_safetensors(f: BinaryIO, entries: list[TensorEntry]) -> tuple[int, str
     return size, h.hexdigest(), offsets
 
 
-def parse_safetensors_header(buf: Any, file_size: int, file_name: str) -> tuple[int, dict[str, Any]]:
-    """Parse and bound-check a safetensors header; returns (data start, {name: entry})."""
+def parse_safetensors_header(
+    read: Callable[[int, int], bytes], file_size: int, file_name: str
+) -> tuple[int, dict[str, Any]]:
+    """Parse and bound-check a safetensors header; ``read(offset, n)`` reads the file. Returns (data start,
+    {name: entry}); raises CorruptCheckpointError for anything out of bounds, overlapping or malformed."""
     if file_size < 8:
         raise CorruptCheckpointError(f"{file_name}: {file_size} bytes is too short for a safetensors file")
-    n = int.from_bytes(bytes(buf[:8]), "little")
+    n = int.from_bytes(read(0, 8), "little")
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
         raise CorruptCheckpointError(f"{file_name}: header length {n} exceeds the file or the limit")
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
+        header = json.loads(read(8, n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{file_name}: malformed safetensors header: {e}") from None
     if not isinstance(header, dict):
@@ -329,36 +349,6 @@ def parse_safetensors_header(buf: Any, file_size: int, file_name: str) -> tuple[
     if pos != data_len:
         raise CorruptCheckpointError(f"{file_name}: {data_len - pos} bytes after the last tensor")
     return 8 + n, header
-
-
-def tensor_from_buffer(buf: Any, start: int, meta: Mapping[str, Any], owned: bool) -> Any:
-    """A tensor over ``buf`` at ``start + offsets``, as the framework it was saved from.
-
-    With ``owned=False`` the result may share memory with ``buf``; with ``owned=True`` it has its own.
-    """
-    dtype, shape, (b, end) = meta["dtype"], list(meta["shape"]), meta["offsets"]
-    framework = meta.get("framework", "numpy")
-    torch = _torch()
-    if framework == "torch":
-        if torch is None:
-            try:
-                import torch  # noqa: F811  (a checkpoint of torch tensors restores as torch tensors)
-            except ImportError:
-                torch = None
-    if framework == "torch" and torch is not None:
-        tdtype = getattr(torch, _ST_TORCH[dtype])
-        if end == b:
-            return torch.empty(shape, dtype=tdtype)
-        t = torch.frombuffer(buf, dtype=torch.uint8, count=end - b, offset=start + b).view(tdtype).reshape(shape)
-        return t.clone() if owned else t
-    np_dtype = _ST_DTYPES[dtype][0]
-    if np_dtype is None:
-        raise CorruptCheckpointError(f"dtype {dtype} needs torch installed to be loaded")
-    count = math.prod(shape)
-    arr = np.frombuffer(buf, dtype=np_dtype, count=count, offset=start + b).reshape(shape)
-    if owned:
-        arr = arr.copy()
-    return arr[()] if framework == "numpy_scalar" else arr
 
 
 # --------------------------------------------------------------------------------------------- manifest

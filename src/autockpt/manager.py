@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from autockpt import state as state_mod
 from autockpt.errors import (
@@ -24,108 +24,19 @@ from autockpt.errors import (
 )
 from autockpt.format import (
     CHECKSUM,
-    TENSORS_NAME,
     TensorEntry,
     TreeEncoder,
-    decode_tree,
     dump_manifest,
     is_torch_tensor,
-    iter_tensor_nodes,
     json_plain,
     new_manifest,
-    parse_manifest,
-    parse_safetensors_header,
-    tensor_from_buffer,
     write_safetensors,
 )
+from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import CheckpointWriter, Storage, step_dirname
 
 log = logging.getLogger("autockpt")
-
-
-@dataclass
-class Checkpoint:
-    """A committed checkpoint whose files were read and verified (sizes, checksums, headers)."""
-
-    step: int
-    manifest: dict[str, Any]
-    buffers: dict[str, tuple[Any, int]]  # file name -> (buffer, data start)
-
-    @property
-    def metas(self) -> dict[str, state_mod.TensorMeta]:
-        return {
-            n: state_mod.TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()
-        }
-
-    def tensor(self, name: str, owned: bool = True) -> Any:
-        meta = self.manifest["tensors"][name]
-        buf, start = self.buffers[meta["file"]]
-        return tensor_from_buffer(buf, start, meta, owned)
-
-    def state(self) -> dict[str, Any]:
-        """The whole state as plain values and tensors with their own memory."""
-        return {k: decode_tree(v, self.tensor, (k,)) for k, v in self.manifest["state"].items()}
-
-
-def read_manifest(storage: Storage, step: int) -> dict[str, Any]:
-    where = f"{storage.url} {step_dirname(step)}"
-    manifest = parse_manifest(storage.read_manifest(step), where)
-    if manifest["step"] != step:
-        raise CorruptCheckpointError(f"{where}: manifest says step {manifest['step']}")
-    return manifest
-
-
-def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None = None) -> Checkpoint:
-    """Read and verify one checkpoint; raises CorruptCheckpointError or CheckpointNotFoundError."""
-    where = f"{storage.url} {step_dirname(step)}"
-    if manifest is None:
-        manifest = read_manifest(storage, step)
-    tensors = manifest["tensors"]
-    for name in iter_tensor_nodes(manifest["state"]):
-        if name not in tensors:
-            raise CorruptCheckpointError(f"{where}: the state refers to tensor {name!r} the manifest does not list")
-    buffers: dict[str, tuple[Any, int]] = {}
-    for fname, info in manifest["files"].items():
-        buf = storage.read_payload(step, fname, info["size"])
-        if xxhash.xxh3_64_hexdigest(buf) != info[CHECKSUM]:
-            raise CorruptCheckpointError(f"{where}: {fname} does not match its checksum")
-        start, header = parse_safetensors_header(buf, info["size"], f"{where}/{fname}")
-        mine = {n: t for n, t in tensors.items() if t["file"] == fname}
-        if set(header) != set(mine):
-            raise CorruptCheckpointError(f"{where}: {fname} holds other tensors than the manifest lists")
-        for n, t in mine.items():
-            h = header[n]
-            if (h["dtype"], list(h["shape"]), list(h["data_offsets"])) != (
-                t.get("dtype"), t.get("shape"), t.get("offsets")
-            ):
-                raise CorruptCheckpointError(f"{where}: tensor {n!r} differs between the manifest and {fname}")
-        buffers[fname] = (buf, start)
-    return Checkpoint(step, manifest, buffers)
-
-
-def load(url: str | os.PathLike[str], step: int | None = None, storage_options: dict[str, Any] | None = None
-         ) -> dict[str, Any]:
-    """Read a checkpoint without a model: the nested state as tensors, numpy arrays and Python values.
-
-    Read-only: it never writes, cleans or prunes, so it is safe beside a running job. With ``step=None`` it
-    reads the newest checkpoint that verifies (falling back, with a warning, past damaged ones).
-
-    ```python
-    state = autockpt.load("runs/exp1")
-    weights = state["model"]          # the model's state dict, as saved
-    ```
-    """
-    storage = Storage(url, storage_options)
-    steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
-    for s in steps:
-        try:
-            return open_checkpoint(storage, s).state()
-        except CorruptCheckpointError as e:
-            if step is not None:
-                raise
-            log.warning("autockpt: skipping checkpoint %s: %s", step_dirname(s), e)
-    raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
 
 
 def _check_interval(name: str, value: Any, kind: type) -> None:
@@ -195,6 +106,8 @@ class CheckpointManager:
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
+        self.shard_bytes = 512 * 2**20
+        self._staging: dict[str, Any] = {}  # async snapshots: host buffers reused between saves
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -287,7 +200,8 @@ class CheckpointManager:
         entries = encoder.tensors
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = [TensorEntry(e.name, _host_copy(e.value), e.framework, e.dtype, e.shape) for e in entries]
+            entries = [TensorEntry(e.name, self._stage(e), e.framework, e.dtype, e.shape) for e in entries]
+            _sync_devices(entries)
             self._thread = threading.Thread(
                 target=self._write_in_background,
                 args=(step, tree, entries, clean_metrics, clean_metadata, run_start),
@@ -333,14 +247,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         try:
             with self.storage.writer(step) as w:
-                with w.open(TENSORS_NAME) as f:
-                    size, digest, offsets = write_safetensors(f, entries)
-                tensors = {
-                    e.name: {"file": TENSORS_NAME, "dtype": e.dtype, "shape": e.shape,
-                             "offsets": offsets[e.name], "framework": e.framework}
-                    for e in entries
-                }
-                files = {TENSORS_NAME: {"size": size, CHECKSUM: digest}}
+                files, tensors = write_payload(w, entries, self.shard_bytes)
                 manifest = new_manifest(step, tree, tensors, files, metrics, metadata, run_start)
                 w.commit(dump_manifest(manifest))
         except UnsupportedValueError:
@@ -351,9 +258,29 @@ class CheckpointManager:
             ) from e
         self._manifests[step] = manifest
         secs = time.perf_counter() - t0
+        size = sum(f["size"] for f in files.values())
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
         self._prune(step)
+
+    def _stage(self, entry: TensorEntry) -> Any:
+        """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
+        value = entry.value
+        buf: Any = self._staging.get(entry.name)
+        if is_torch_tensor(value):
+            value = value.detach()
+            if not (is_torch_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype):
+                torch = sys.modules["torch"]
+                pin = value.device.type == "cuda"
+                buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+            buf.copy_(value, non_blocking=value.device.type == "cuda")
+        else:
+            value = np.asarray(value)
+            if not (isinstance(buf, np.ndarray) and buf.shape == value.shape and buf.dtype == value.dtype):
+                buf = np.empty_like(value, order="C")
+            np.copyto(buf, value)
+        self._staging[entry.name] = buf
+        return buf
 
     def _write_in_background(self, *args: Any) -> None:
         try:
@@ -432,6 +359,7 @@ class CheckpointManager:
         else:
             steps = sorted(committed, reverse=True)
         for s in steps:
+            t0 = time.perf_counter()
             try:
                 ckpt = open_checkpoint(self.storage, s)
             except CorruptCheckpointError as e:
@@ -440,15 +368,60 @@ class CheckpointManager:
                 log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
                             step_dirname(s), e)
                 continue
-            state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
-            state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
-            log.info("autockpt: restored step %d from %s", s, self.directory)
+            with ckpt:
+                state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
+                state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
+            size = sum(f["size"] for f in ckpt.manifest["files"].values())
+            secs = time.perf_counter() - t0
+            log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
+                     size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
             return s
         return None
 
 
-def _host_copy(value: Any) -> Any:
-    """A private host-memory copy of a tensor, so later updates to the original cannot reach the save."""
-    if is_torch_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    return np.array(value, copy=True)
+def _sync_devices(entries: list[TensorEntry]) -> None:
+    """Wait for the non-blocking device-to-host copies of a snapshot to land."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEntry]]:
+    """Split tensors into files of about ``shard_bytes`` each (largest first into the emptiest file)."""
+    total = sum(e.nbytes for e in entries)
+    n = max(1, min(len(entries), math.ceil(total / shard_bytes)))
+    groups: list[list[TensorEntry]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for e in sorted(entries, key=lambda e: -e.nbytes):
+        i = loads.index(min(loads))
+        groups[i].append(e)
+        loads[i] += e.nbytes
+    return groups
+
+
+def write_payload(
+    writer: CheckpointWriter, entries: list[TensorEntry], shard_bytes: int, prefix: str = "tensors"
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Write tensors into one or more safetensors files, in parallel; returns (files, tensors) manifest parts."""
+    groups = _shards(entries, shard_bytes)
+    names = [f"{prefix}.safetensors"] if len(groups) == 1 else [
+        f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
+    ]
+
+    def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
+        with writer.open(name) as f:
+            return write_safetensors(f, group)
+
+    if len(groups) == 1:
+        results = [write_one(names[0], groups[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
+            results = list(pool.map(write_one, names, groups))
+    files: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, group, (size, digest, offsets) in zip(names, groups, results, strict=True):
+        files[name] = {"size": size, CHECKSUM: digest}
+        for e in group:
+            tensors[e.name] = {"file": name, "dtype": e.dtype, "shape": e.shape, "offsets": offsets[e.name],
+                               "framework": e.framework}
+    return files, tensors

@@ -19,7 +19,7 @@ import numpy as np
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import decode_tree, is_stateful, is_tensor, is_torch_tensor, tensor_dtype_code
 
-TensorSource = Callable[[str, bool], Any]  # (name, owned) -> tensor
+TensorSource = Callable[[str, Any], Any]  # (name, like) -> tensor, read into ``like`` where it fits
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,6 @@ class TensorMeta:
 
 def _p(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path)
-
-
-def _is_module(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _has_tensors(value: Any) -> bool:
@@ -104,7 +99,7 @@ class _Checker:
 def check(state: Mapping[str, Any], tree: Mapping[str, Any], metas: Mapping[str, TensorMeta]) -> None:
     """Raise StateMismatchError unless the checkpoint tree fits ``state``. Reads no tensor data."""
 
-    def meta(name: str) -> TensorMeta:
+    def meta(name: str, like: Any) -> TensorMeta:
         return metas[name]
 
     c = _Checker()
@@ -133,6 +128,8 @@ def check(state: Mapping[str, Any], tree: Mapping[str, Any], metas: Mapping[str,
 
 
 def _copy_into(target: Any, src: Any) -> None:
+    if src is target:  # already read into the target's own memory
+        return
     if is_torch_tensor(target):
         torch = sys.modules["torch"]
         if not is_torch_tensor(src):
@@ -144,27 +141,24 @@ def _copy_into(target: Any, src: Any) -> None:
 
 
 def _apply_into(container: Any, key: Any, target: Any, node: Any, tensor: TensorSource, path: tuple[Any, ...]) -> None:
-    def owned(name: str) -> Any:
-        return tensor(name, True)
-
     if is_tensor(target):
-        _copy_into(target, tensor(node["name"], False))
+        _copy_into(target, tensor(node["name"], target))
     elif is_stateful(target):
-        module = _is_module(target)
-        sd = decode_tree(_stateful_node(node), (lambda n: tensor(n, False)) if module else owned, path)
-        target.load_state_dict(sd)
+        # Tensors are read straight into the ones the object's state_dict() returns (for a module: its
+        # parameters and buffers), then handed to load_state_dict, which keeps its usual semantics.
+        target.load_state_dict(decode_tree(_stateful_node(node), tensor, path, like=target.state_dict()))
     elif isinstance(target, MutableMapping) and _has_tensors(target) and isinstance(node, dict) and "items" in node:
         for k, sub in node["items"].items():
             if k in target:
                 _apply_into(target, k, target[k], sub, tensor, (*path, k))
             else:
-                target[k] = decode_tree(sub, owned, (*path, k))
+                target[k] = decode_tree(sub, tensor, (*path, k))
     elif isinstance(target, list) and _has_tensors(target) and isinstance(node, list):
         for i, sub in enumerate(node):
             _apply_into(target, i, target[i], sub, tensor, (*path, i))
     else:
         try:
-            container[key] = decode_tree(node, owned, path)
+            container[key] = decode_tree(node, tensor, path)
         except TypeError:
             raise InvalidArgumentError(
                 f"cannot restore {_p(path)!r} in place: its container {type(container).__name__} is immutable; "

@@ -1,0 +1,239 @@
+"""Reading a checkpoint: verify everything first, then read each tensor straight to where it belongs.
+
+``open_checkpoint`` checks the manifest (its own checksum, its fields), that every tensor the state tree names
+is listed, each payload file's size and xxh3-64 checksum (streamed in chunks: no copy of the file is held),
+and that each safetensors header agrees with the manifest. Only then can tensors be read: into the target's
+own memory when it is a contiguous host tensor of the same dtype and shape, else into a new tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import xxhash
+
+from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from autockpt.format import (
+    _ST_DTYPES,
+    _ST_TORCH,
+    CHECKSUM,
+    decode_tree,
+    is_torch_tensor,
+    iter_tensor_nodes,
+    parse_manifest,
+    parse_safetensors_header,
+    valid_file_name,
+)
+from autockpt.storage import Storage, step_dirname
+
+log = logging.getLogger("autockpt")
+_CHUNK = 16 * 2**20
+
+
+class PayloadFile:
+    """One payload file: a file descriptor on local disks, the downloaded bytes elsewhere."""
+
+    def __init__(self, storage: Storage, step: int, name: str, size: int) -> None:
+        if not valid_file_name(name):
+            raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
+        self.path = storage.path(step_dirname(step), name)
+        self.size = size
+        self._fd: int | None = None
+        self._buf: bytearray | None = None
+        try:
+            if storage.atomic_rename:
+                self._fd = os.open(self.path, os.O_RDONLY)
+                actual = os.fstat(self._fd).st_size
+            else:
+                with storage.fs.open(self.path, "rb") as f:
+                    actual = f.size
+                    if actual == size:
+                        self._buf = bytearray(size)
+                        self._fill(f, memoryview(self._buf))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.path}: payload file is missing") from None
+        if actual != size:
+            self.close()
+            raise CorruptCheckpointError(f"{self.path}: {actual} bytes, the manifest says {size}")
+
+    def _fill(self, f: Any, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise CorruptCheckpointError(f"{self.path}: ended after {got} of {len(view)} bytes")
+            got += n
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the file's bytes from ``offset``."""
+        if self._buf is not None:
+            view[:] = memoryview(self._buf)[offset : offset + len(view)]
+            return
+        assert self._fd is not None
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
+            got += n
+
+    def read(self, offset: int, n: int) -> bytes:
+        out = bytearray(n)
+        self.read_into(offset, memoryview(out))
+        return bytes(out)
+
+    def checksum(self) -> str:
+        if self._buf is not None:
+            return xxhash.xxh3_64_hexdigest(self._buf)
+        h = xxhash.xxh3_64()
+        chunk = bytearray(min(_CHUNK, max(self.size, 1)))
+        view = memoryview(chunk)
+        pos = 0
+        while pos < self.size:
+            n = min(len(chunk), self.size - pos)
+            self.read_into(pos, view[:n])
+            h.update(view[:n])
+            pos += n
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._buf = None
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint whose files were verified. Close it (or use ``with``) when done."""
+
+    step: int
+    manifest: dict[str, Any]
+    files: dict[str, tuple[PayloadFile, int]] = field(default_factory=dict)  # name -> (file, data start)
+
+    @property
+    def metas(self) -> dict[str, Any]:
+        from autockpt.state import TensorMeta
+
+        return {n: TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()}
+
+    def tensor(self, name: str, like: Any = None) -> Any:
+        """Read one tensor; into ``like`` itself when it is a matching contiguous host tensor."""
+        meta = self.manifest["tensors"][name]
+        f, start = self.files[meta["file"]]
+        dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["offsets"]
+        framework = meta.get("framework", "numpy")
+        torch = sys.modules.get("torch")
+        if framework == "torch" and torch is None:
+            try:
+                import torch
+            except ImportError:
+                torch = None
+        if framework == "torch" and torch is not None:
+            tdtype = getattr(torch, _ST_TORCH[dtype])
+            inplace = (is_torch_tensor(like) and like.device.type == "cpu" and like.dtype == tdtype
+                       and list(like.shape) == shape and like.is_contiguous())
+            out = like.detach() if inplace else torch.empty(shape, dtype=tdtype)
+            if e > b:
+                f.read_into(start + b, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            return like if inplace else out
+        np_dtype = _ST_DTYPES[dtype][0]
+        if np_dtype is None:
+            raise CorruptCheckpointError(f"tensor {name!r} has dtype {dtype}: install torch to load it")
+        if (isinstance(like, np.ndarray) and like.dtype == np_dtype and list(like.shape) == shape
+                and like.flags.c_contiguous and like.flags.writeable):
+            arr = like
+        else:
+            arr = np.empty(shape, dtype=np_dtype)
+        arr = cast(Any, arr)
+        if e > b:
+            f.read_into(start + b, memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr[()] if framework == "numpy_scalar" else arr
+
+    def state(self) -> dict[str, Any]:
+        """The whole state as plain values and newly allocated tensors."""
+        return {k: decode_tree(v, self.tensor, (k,)) for k, v in self.manifest["state"].items()}
+
+    def close(self) -> None:
+        for f, _ in self.files.values():
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_manifest(storage: Storage, step: int) -> dict[str, Any]:
+    where = f"{storage.url} {step_dirname(step)}"
+    manifest = parse_manifest(storage.read_manifest(step), where)
+    if manifest["step"] != step:
+        raise CorruptCheckpointError(f"{where}: manifest says step {manifest['step']}")
+    return manifest
+
+
+def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None = None) -> Checkpoint:
+    """Read and verify one checkpoint; raises CorruptCheckpointError or CheckpointNotFoundError."""
+    where = f"{storage.url} {step_dirname(step)}"
+    if manifest is None:
+        manifest = read_manifest(storage, step)
+    tensors = manifest["tensors"]
+    for name in iter_tensor_nodes(manifest["state"]):
+        if name not in tensors:
+            raise CorruptCheckpointError(f"{where}: the state refers to tensor {name!r} the manifest does not list")
+    ckpt = Checkpoint(step, manifest)
+    try:
+        for fname, info in manifest["files"].items():
+            f = PayloadFile(storage, step, fname, info["size"])
+            ckpt.files[fname] = (f, 0)
+            if f.checksum() != info[CHECKSUM]:
+                raise CorruptCheckpointError(f"{where}: {fname} does not match its checksum")
+            start, header = parse_safetensors_header(f.read, info["size"], f"{where}/{fname}")
+            ckpt.files[fname] = (f, start)
+            mine = {n: t for n, t in tensors.items() if t["file"] == fname}
+            if set(header) != set(mine):
+                raise CorruptCheckpointError(f"{where}: {fname} holds other tensors than the manifest lists")
+            for n, t in mine.items():
+                h = header[n]
+                if (h["dtype"], list(h["shape"]), list(h["data_offsets"])) != (
+                    t.get("dtype"), t.get("shape"), t.get("offsets")
+                ):
+                    raise CorruptCheckpointError(f"{where}: tensor {n!r} differs between the manifest and {fname}")
+                if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
+                    raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt
+
+
+def load(url: str | os.PathLike[str], step: int | None = None, storage_options: Mapping[str, Any] | None = None
+         ) -> dict[str, Any]:
+    """Read a checkpoint without a model: the nested state as tensors, numpy arrays and Python values.
+
+    Read-only: it never writes, cleans or prunes, so it is safe beside a running job. With ``step=None`` it
+    reads the newest checkpoint that verifies (falling back, with a warning, past damaged ones).
+
+    ```python
+    state = autockpt.load("runs/exp1")
+    weights = state["model"]          # the model's state dict, as saved
+    ```
+    """
+    storage = Storage(url, dict(storage_options or {}))
+    steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
+    for s in steps:
+        try:
+            with open_checkpoint(storage, s) as ckpt:
+                return ckpt.state()
+        except CorruptCheckpointError as e:
+            if step is not None:
+                raise
+            log.warning("autockpt: skipping checkpoint %s: %s", step_dirname(s), e)
+    raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
