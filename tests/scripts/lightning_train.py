@@ -28,6 +28,10 @@ from autockpt.integrations.lightning import AutoCheckpoint  # noqa: E402
 torch.set_num_threads(1)
 
 
+def rank_log(rank: int) -> str:
+    return log_file if rank == 0 else f"{log_file}.rank{rank}"
+
+
 class Net(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -36,10 +40,9 @@ class Net(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, x, y = batch
+        with open(rank_log(self.global_rank), "a") as f:
+            f.write(f"STEP {self.global_step} {','.join(str(int(i)) for i in idx)}\n")
         if self.trainer.is_global_zero:
-            with open(log_file, "a") as f:
-                f.write(f"STEP {self.global_step} {','.join(str(int(i)) for i in idx)}\n")
-                f.flush()
             print(f"STEP {self.global_step}", flush=True)
         if delay:
             time.sleep(delay)
@@ -60,13 +63,12 @@ cb = AutoCheckpoint(ckpt_dir, every_n_train_steps=5, max_to_keep=2)
 trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2 if strategy == "ddp" else 1, strategy=strategy,
                      deterministic=True, enable_progress_bar=False, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, callbacks=[cb])
-if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-    with open(log_file, "a") as f:
-        f.write(f"START pid={os.getpid()}\n")
+with open(rank_log(int(os.environ.get("LOCAL_RANK", "0"))), "a") as f:
+    f.write(f"START pid={os.getpid()}\n")
 trainer.fit(model, loader)
+with open(rank_log(trainer.global_rank), "a") as f:
+    f.write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step}\n")
 if trainer.is_global_zero:
-    with open(log_file, "a") as f:
-        f.write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step}\n")
     if not cb.preempted:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_weights)
 print("DONE", flush=True)
