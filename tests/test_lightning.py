@@ -167,7 +167,7 @@ def test_ddp_two_processes_killed_and_resumed(tmp_path: Path) -> None:
         runs = _segments(log)
         ends = _ends(log)
         assert len(runs) == 3
-        assert [s for s, _ in runs[1]][0] == saved + 1  # resumed right after the checkpoint
+        assert [s for s, _ in runs[1]][0] == saved  # resumed right after the checkpoint (steps log 0-based)
         # preempted on both ranks at the same step, the one rank 0 reached; continued right after it
         assert ends[0]["preempted"] == "1" and int(ends[0]["step"]) == runs[1][-1][0] + 1
         assert [s for s, _ in runs[2]][0] == runs[1][-1][0] + 1
@@ -178,7 +178,7 @@ def test_ddp_two_processes_killed_and_resumed(tmp_path: Path) -> None:
     r0, r1 = _ends(tmp_path / "log"), _ends(tmp_path / "log.rank1")
     assert [e["step"] for e in r0] == [e["step"] for e in r1]
     # the two ranks trained disjoint halves of the data at every step
-    for (s0, i0), (s1, i1) in zip(_segments(tmp_path / "log")[2], _segments(tmp_path / "log.rank1")[2]):
+    for (s0, i0), (s1, i1) in zip(_segments(tmp_path / "log")[2], _segments(tmp_path / "log.rank1")[2], strict=True):
         assert s0 == s1 and not set(i0.split(",")) & set(i1.split(","))
     assert load_file(str(tmp_path / "weights.safetensors"))
 

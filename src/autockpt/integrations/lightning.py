@@ -171,7 +171,7 @@ def _positive(name: str, value: Any, kind: type) -> None:
         raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
-class AutoCheckpoint(_Base):  # type: ignore[misc]
+class AutoCheckpoint(_Base):
     """Saves the full Lightning training state with autockpt, and resumes from it with no ``ckpt_path``.
 
     Args:
@@ -238,7 +238,7 @@ class AutoCheckpoint(_Base):  # type: ignore[misc]
             raise InvalidArgumentError(f"monitor must be a metric name (str) or None, got {monitor!r}")
         if monitor is None and (save_top_k != 1 or mode != "min"):
             raise InvalidArgumentError("mode and save_top_k need monitor='<logged metric name>' to rank checkpoints by")
-        keep_best = KeepBest(monitor, mode=mode, k=save_top_k) if monitor is not None else None
+        keep_best = KeepBest(monitor, mode=mode, k=save_top_k) if monitor is not None else None  # type: ignore[arg-type]
         self._policy = RetentionPolicy(max_to_keep, keep_every_n_hours, keep_best)  # validates the options
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
