@@ -43,8 +43,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError, StateMismatchError
-from autockpt.manager import CheckpointManager, load
+from autockpt.manager import CheckpointManager
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
+from autockpt.reader import load
 from autockpt.retention import KeepBest, RetentionPolicy
 from autockpt.rng import RNGState
 
