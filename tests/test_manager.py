@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -174,12 +175,18 @@ def test_async_save_snapshot_and_errors(tmp_path: Path) -> None:
         assert mgr.latest_step == 1
     assert torch.equal(autockpt.load(tmp_path)["w"], torch.zeros(1000))
     # a background failure surfaces on the next call instead of vanishing
-    blocker = tmp_path / "blocked"
-    blocker.write_text("a file where the directory should be")
-    mgr = autockpt.CheckpointManager(blocker / "run", async_save=True)
+    run = tmp_path / "run2"
+    mgr = autockpt.CheckpointManager(run, async_save=True, max_consecutive_failures=2)
     assert mgr.save(1, {"w": w})
+    mgr.wait_until_finished()
+    shutil.rmtree(run)
+    run.write_text("a file where the directory should be")  # the next background write cannot succeed
+    assert mgr.save(2, {"w": w})  # queued: the failure happens in the background thread
     with pytest.raises(autockpt.errors.SaveError):
         mgr.wait_until_finished()
+    assert mgr.save(3, {"w": w})  # the failure policy: the first failure of a save() warns ...
+    with pytest.raises(autockpt.errors.SaveError):
+        mgr.save(4, {"w": w})  # ... the second consecutive one raises
 
 
 def test_bad_arguments_fail_early(tmp_path: Path) -> None:

@@ -50,3 +50,7 @@ class StateMismatchError(AutockptError, ValueError):
 
 class SaveError(AutockptError, OSError):
     """Writing a checkpoint failed; earlier checkpoints are intact and the partial files were removed."""
+
+
+class LeaseError(AutockptError):
+    """Another live process holds the writer lease of this checkpoint directory."""

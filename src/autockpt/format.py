@@ -265,7 +265,7 @@ def decode_tree(node: Any, tensor: Callable[[str, Any], Any], path: tuple[Any, .
             return decode_tree(node["state"], tensor, path, like)
     except CorruptCheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise CorruptCheckpointError(f"malformed {kind!r} node at key path {_path_str(path)!r}: {e}") from None
     raise CorruptCheckpointError(f"unknown node type {kind!r} at key path {_path_str(path)!r}")
 
@@ -322,7 +322,7 @@ def parse_safetensors_header(
         raise CorruptCheckpointError(f"{file_name}: header length {n} exceeds the file or the limit")
     try:
         header = json.loads(read(8, n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(f"{file_name}: malformed safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file_name}: safetensors header is not a JSON object")
@@ -396,7 +396,7 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{where}: manifest checksum does not match its content")
     try:
         body = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: malformed manifest: {e}") from None
     if not isinstance(body, dict) or body.get("format") != "autockpt":
         raise CorruptCheckpointError(f"{where}: manifest is not an autockpt manifest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from autockpt.format import (
     new_manifest,
     write_safetensors,
 )
+from autockpt.lease import WriterLease
 from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
 from autockpt.storage import CheckpointWriter, Storage, step_dirname
@@ -62,6 +64,13 @@ class CheckpointManager:
             background failure is logged at once and raised by the next ``save()``, ``wait_until_finished()``
             or ``close()``.
         storage_options: passed to fsspec (credentials, endpoint URL, ...).
+        max_consecutive_failures: a save that fails (disk full, storage unreachable after retries) logs a
+            warning, removes its partial files and returns False, so training goes on; the N-th failure in a
+            row raises ``SaveError``. ``1`` raises at the first failure.
+
+    Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
+    heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
+    Transient errors of remote storage are retried with bounded backoff.
 
     A step is the number of completed optimizer updates; the checkpoint of step N holds the state after N
     updates. The state is a mapping of names to objects with ``state_dict()``/``load_state_dict()`` (torch
@@ -89,6 +98,7 @@ class CheckpointManager:
         save_interval_seconds: float | None = None,
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
+        max_consecutive_failures: int = 3,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
@@ -99,6 +109,9 @@ class CheckpointManager:
             raise InvalidArgumentError(f"async_save must be True or False, got {async_save!r}")
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
+        _check_interval("max_consecutive_failures", max_consecutive_failures, int)
+        self.max_consecutive_failures = max_consecutive_failures
+        self._failures = 0
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.async_save = async_save
@@ -111,7 +124,9 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self.storage.cleanup(self.storage.scan())
+        self._lease = WriterLease(self.storage)
+        if not self._lease.live_other(self._lease.read()):  # never clean up under another live writer
+            self.storage.cleanup(self.storage.scan())
 
     # ------------------------------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -139,7 +154,7 @@ class CheckpointManager:
 
         ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
         """
-        self._join()
+        self._wait()
         for step in sorted(self.storage.scan().committed, reverse=True):
             try:
                 self._files_present(step, self._manifest(step))
@@ -186,7 +201,20 @@ class CheckpointManager:
             return False
         clean_metrics = self._clean_metrics(metrics)
         clean_metadata = json_plain(dict(metadata or {}), "metadata")
-        self._join()
+        try:
+            self._join()
+        except SaveError as e:  # the previous background save failed (and was counted when it did)
+            self._failed(e, counted=True)
+        encoder = TreeEncoder()
+        tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}  # bad values raise before any write
+        self._lease.check()
+        if not self._lease.held:
+            try:
+                self._lease.acquire()
+                self.storage.cleanup(self.storage.scan())
+            except OSError as e:
+                self._failed(SaveError(f"cannot write to {self.directory}: {e!r}"))
+                return False
         committed = self.storage.scan().committed
         if step in committed:
             try:
@@ -195,8 +223,6 @@ class CheckpointManager:
                 return False
             except CorruptCheckpointError:
                 self._manifests.pop(step, None)  # damaged: write it again
-        encoder = TreeEncoder()
-        tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}
         entries = encoder.tensors
         run_start = self._run_start(committed)
         if self.async_save:
@@ -210,9 +236,22 @@ class CheckpointManager:
             )
             self._thread.start()
         else:
-            self._write(step, tree, entries, clean_metrics, clean_metadata, run_start)
+            try:
+                self._write(step, tree, entries, clean_metrics, clean_metadata, run_start)
+            except SaveError as e:
+                self._failed(e)
+                return False
         self._last_save_time = time.monotonic()
         return True
+
+    def _failed(self, error: SaveError, counted: bool = False) -> None:
+        """Apply the failure policy: warn and go on, or raise at the N-th consecutive failure."""
+        if not counted:
+            self._failures += 1
+        if self._failures >= self.max_consecutive_failures:
+            raise error
+        log.warning("autockpt: %s (failure %d in a row; training continues, the %d-th raises)", error,
+                    self._failures, self.max_consecutive_failures)
 
     @staticmethod
     def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
@@ -253,9 +292,15 @@ class CheckpointManager:
         except UnsupportedValueError:
             raise
         except Exception as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SaveError(
+                    f"no space left to save step {step} to {self.directory}: free space there or lower "
+                    "max_to_keep. The partial files were removed; earlier checkpoints are intact."
+                ) from e
             raise SaveError(
                 f"saving step {step} to {self.directory} failed: {e!r}. Earlier checkpoints are intact."
             ) from e
+        self._failures = 0
         self._manifests[step] = manifest
         secs = time.perf_counter() - t0
         size = sum(f["size"] for f in files.values())
@@ -287,6 +332,7 @@ class CheckpointManager:
             self._write(*args)
         except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
             log.error("autockpt: background save of step %d failed: %r", args[0], e)
+            self._failures += 1
             self._error = e
 
     def _prune(self, just_saved: int) -> None:
@@ -306,10 +352,13 @@ class CheckpointManager:
                 self._manifests.pop(info.step, None)
                 log.debug("autockpt: deleted checkpoint %s (retention)", step_dirname(info.step))
 
-    def _join(self) -> None:
+    def _wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _join(self) -> None:
+        self._wait()
         if self._error is not None:
             err, self._error = self._error, None
             raise err
@@ -323,7 +372,10 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
-        self._join()
+        try:
+            self._join()
+        finally:
+            self._lease.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -348,7 +400,7 @@ class CheckpointManager:
         """
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
-        self._join()
+        self._wait()
         committed = self.storage.scan().committed
         if step is not None:
             if step not in committed:
@@ -409,8 +461,7 @@ def write_payload(
     ]
 
     def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-        with writer.open(name) as f:
-            return write_safetensors(f, group)
+        return writer.write_file(name, lambda f: write_safetensors(f, group))
 
     if len(groups) == 1:
         results = [write_one(names[0], groups[0])]

@@ -30,7 +30,7 @@ from autockpt.format import (
     parse_safetensors_header,
     valid_file_name,
 )
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import Storage, retry, step_dirname
 
 log = logging.getLogger("autockpt")
 _CHUNK = 16 * 2**20
@@ -51,16 +51,19 @@ class PayloadFile:
                 self._fd = os.open(self.path, os.O_RDONLY)
                 actual = os.fstat(self._fd).st_size
             else:
-                with storage.fs.open(self.path, "rb") as f:
-                    actual = f.size
-                    if actual == size:
-                        self._buf = bytearray(size)
-                        self._fill(f, memoryview(self._buf))
+                actual = retry(lambda: self._download(storage, size), f"reading {self.path}")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{self.path}: payload file is missing") from None
         if actual != size:
             self.close()
             raise CorruptCheckpointError(f"{self.path}: {actual} bytes, the manifest says {size}")
+
+    def _download(self, storage: Storage, size: int) -> int:
+        with storage.fs.open(self.path, "rb") as f:
+            if f.size == size:
+                self._buf = bytearray(size)
+                self._fill(f, memoryview(self._buf))
+            return int(f.size)
 
     def _fill(self, f: Any, view: memoryview) -> None:
         got = 0

@@ -12,16 +12,18 @@ Everything autockpt writes has a name it recognises (``step_N``, ``.tmp-step_N-X
 
 from __future__ import annotations
 
+import errno
 import logging
-import mmap
 import os
 import posixpath
+import random
 import re
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +35,37 @@ log = logging.getLogger("autockpt")
 
 STEP_RE = re.compile(r"^step_(\d{10,})$")
 TMP_RE = re.compile(r"^\.tmp-(?:del-)?step_\d{10,}-[0-9a-f]{8}$")
+
+
+T = TypeVar("T")
+RETRIES = 5
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether an error of a remote filesystem is worth retrying (timeouts, dropped connections, 5xx)."""
+    if isinstance(e, _PERMANENT) or isinstance(e, CorruptCheckpointError):
+        return False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EINVAL):
+        return False
+    mod = type(e).__module__
+    return isinstance(e, (OSError, TimeoutError, ConnectionError)) or mod.startswith(
+        ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google")
+    )
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = RETRIES) -> T:
+    """Call ``fn``; on a transient error retry with exponential backoff and jitter (about 6 s at most)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if i == attempts - 1 or not transient(e):
+                raise
+            delay = min(2.0, 0.1 * 2**i) * (0.5 + random.random())
+            log.warning("autockpt: %s failed (%r); retry %d of %d in %.2f s", what, e, i + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def step_dirname(step: int) -> str:
@@ -82,7 +115,8 @@ class Storage:
                 return []
         self.fs.invalidate_cache(self.root)  # another process may have written since we last listed
         try:
-            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+            listed = retry(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}")
+            return [posixpath.basename(p.rstrip("/")) for p in listed]
         except FileNotFoundError:
             return []
 
@@ -92,7 +126,8 @@ class Storage:
         manifests: set[str] = set()
         if not self.atomic_rename and any(STEP_RE.match(n) for n in names):
             try:
-                found = self.fs.glob(posixpath.join(self.root, "step_*", MANIFEST_NAME))
+                found = retry(lambda: self.fs.glob(posixpath.join(self.root, "step_*", MANIFEST_NAME)),
+                              f"listing {self.url}")
             except FileNotFoundError:
                 found = []
             manifests = {posixpath.basename(posixpath.dirname(p)) for p in found}
@@ -114,44 +149,15 @@ class Storage:
     def read_manifest(self, step: int) -> bytes:
         path = self.path(step_dirname(step), MANIFEST_NAME)
         try:
-            size = os.path.getsize(path) if self.atomic_rename else self.fs.size(path)
-            if size is not None and size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpointError(f"{path}: manifest of {size} bytes exceeds the limit")
             if self.atomic_rename:
                 with open(path, "rb") as f:
                     return f.read(MAX_MANIFEST_BYTES + 1)
-            return bytes(self.fs.cat_file(path))
+            size = retry(lambda: self.fs.size(path), f"reading {path}")
+            if size is not None and size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(f"{path}: manifest of {size} bytes exceeds the limit")
+            return bytes(retry(lambda: self.fs.cat_file(path), f"reading {path}"))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {step} in {self.url}") from None
-
-    def read_payload(self, step: int, name: str, expected_size: int) -> Any:
-        """The whole file as a writable buffer (a private mmap locally), after checking its size."""
-        if not valid_file_name(name):
-            raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
-        path = self.path(step_dirname(step), name)
-        try:
-            if self.atomic_rename:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size != expected_size:
-                        raise CorruptCheckpointError(f"{path}: {size} bytes, the manifest says {expected_size}")
-                    if size == 0:
-                        return bytearray()
-                    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            with self.fs.open(path, "rb") as f:
-                size = f.size
-                if size != expected_size:
-                    raise CorruptCheckpointError(f"{path}: {size} bytes, the manifest says {expected_size}")
-                buf = bytearray(size)
-                view, got = memoryview(buf), 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CorruptCheckpointError(f"{path}: ended after {got} of {size} bytes")
-                    got += n
-                return buf
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path}: payload file is missing") from None
 
     # ------------------------------------------------------------------------------------------ writing
     @contextmanager
@@ -183,14 +189,16 @@ class Storage:
                 log.warning("autockpt left %s in place: it holds files autockpt did not write", dirpath)
             return
         try:
-            names = [posixpath.basename(p) for p in self.fs.ls(dirpath, detail=False)]
+            self.fs.invalidate_cache(dirpath)
+            listed = retry(lambda: self.fs.ls(dirpath, detail=False), f"listing {dirpath}")
+            names = [posixpath.basename(p) for p in listed]
         except FileNotFoundError:
             return
         if MANIFEST_NAME in names:
-            self.fs.rm_file(posixpath.join(dirpath, MANIFEST_NAME))
+            retry(lambda: self.fs.rm_file(posixpath.join(dirpath, MANIFEST_NAME)), f"deleting {dirpath}")
         ours = [posixpath.join(dirpath, n) for n in names if valid_file_name(n)]
         if ours:
-            self.fs.rm(ours)
+            retry(lambda: self.fs.rm(ours), f"deleting {dirpath}")
         if len(ours) + (MANIFEST_NAME in names) < len(names):
             log.warning("autockpt left %s in place: it holds files autockpt did not write", dirpath)
             return
@@ -235,9 +243,10 @@ class CheckpointWriter:
             os.mkdir(self.dir)
         else:
             self.dir = self.final
-            storage.fs.makedirs(self.dir, exist_ok=True)
-            if storage.fs.exists(posixpath.join(self.dir, MANIFEST_NAME)):  # replacing a damaged checkpoint
-                storage.fs.rm_file(posixpath.join(self.dir, MANIFEST_NAME))
+            retry(lambda: storage.fs.makedirs(self.dir, exist_ok=True), f"creating {self.dir}")
+            manifest = posixpath.join(self.dir, MANIFEST_NAME)
+            if retry(lambda: storage.fs.exists(manifest), f"checking {manifest}"):  # replacing a damaged one
+                retry(lambda: storage.fs.rm_file(manifest), f"removing {manifest}")
 
     @contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
@@ -251,11 +260,18 @@ class CheckpointWriter:
             with self.storage.fs.open(posixpath.join(self.dir, name), "wb") as f:
                 yield f
 
+    def write_file(self, name: str, write: Callable[[BinaryIO], T]) -> T:
+        """Write one whole file with ``write(f)``; on object stores a transient failure writes it again."""
+        def attempt() -> T:
+            with self.open(name) as f:
+                return write(f)
+
+        return attempt() if self.storage.atomic_rename else retry(attempt, f"writing {self.dir}/{name}")
+
     def commit(self, manifest: bytes) -> None:
         """Write the manifest and make the checkpoint visible, atomically where the filesystem can."""
         st = self.storage
-        with self.open(MANIFEST_NAME) as f:
-            f.write(manifest)
+        self.write_file(MANIFEST_NAME, lambda f: f.write(manifest))
         if st.atomic_rename:
             st.fsync_dir(self.dir)
             if os.path.exists(self.final):  # a damaged checkpoint of the same step: move it out of the way
