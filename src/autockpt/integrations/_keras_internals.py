@@ -1,0 +1,84 @@
+"""Every use of Keras (and torch DataLoader) internals by ``autockpt.integrations.keras``, in one place.
+
+Tested against Keras 3.15.1 (torch backend) by ``tests/test_keras.py::test_keras_internals_pinned``; if a
+Keras release changes one of these, that test fails and names it.
+
+What we rely on:
+
+1. ``Model.fit`` (torch, JAX and TensorFlow trainers alike) keeps its ``EpochIterator`` in a local named
+   ``epoch_iterator`` and its ``CallbackList`` in a local named ``callbacks``, and reads
+   ``model._initial_epoch`` right after ``callbacks.on_train_begin()`` (``initial_epoch = self._initial_epoch
+   or initial_epoch``), which is also how Keras' own ``BackupAndRestore`` sets the starting epoch.
+2. ``EpochIterator.__iter__`` calls ``self._enumerate_iterator()``, a generator yielding
+   ``(begin_step, end_step, data_iterator)`` per step; ``__next__`` then pulls the batch from
+   ``data_iterator``. We override ``_enumerate_iterator`` on the instance for one epoch to drop the first
+   ``k`` steps, advancing ``data_iterator`` past their batches, so no train step and no callback runs for them.
+3. A single-process map-style ``torch.utils.data.DataLoader`` iterator (what Keras builds for NumPy arrays
+   on the torch backend) can move to its next batch with ``_next_index()`` without reading the data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def find_fit_locals(model: Any) -> dict[str, Any] | None:
+    """The local variables of the running ``model.fit`` call (from a callback), or None if not found."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        loc = frame.f_locals
+        if frame.f_code.co_name == "fit" and loc.get("self") is model and "epoch_iterator" in loc:
+            return dict(loc)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def set_initial_epoch(model: Any, epoch: int | None) -> None:
+    """Make the running ``fit`` start at ``epoch`` (call from ``on_train_begin``); None clears it."""
+    model._initial_epoch = epoch
+
+
+def _advance(data_iterator: Any) -> None:
+    """Move ``data_iterator`` past one batch, without reading it where the iterator allows."""
+    kind = getattr(data_iterator, "_dataset_kind", None)
+    if (
+        kind is not None
+        and callable(getattr(data_iterator, "_next_index", None))
+        and getattr(data_iterator, "_num_workers", 1) == 0
+        and kind == sys.modules["torch.utils.data.dataloader"]._DatasetKind.Map
+    ):
+        data_iterator._next_index()
+        data_iterator._num_yielded += 1
+        return
+    next(data_iterator)
+
+
+def skip_steps_next_epoch(epoch_iterator: Any, k: int, after_skip: Callable[[], None]) -> None:
+    """Make the next epoch of ``epoch_iterator`` start at step ``k``; ``after_skip()`` runs once it is there.
+
+    The data iterator is created and advanced exactly as in a full epoch (so shuffling draws the same
+    random numbers), but the first ``k`` batches are neither trained on nor shown to callbacks.
+    """
+    original = type(epoch_iterator)._enumerate_iterator.__get__(epoch_iterator)
+
+    def skipping() -> Iterator[tuple[int, int, Any]]:
+        del epoch_iterator._enumerate_iterator  # one epoch only
+        done = False
+        for begin, end, data_iterator in original():
+            if begin < k:
+                for _ in range(end - begin + 1):
+                    _advance(data_iterator)
+                if end + 1 >= k:
+                    after_skip()
+                    done = True
+                continue
+            if not done:
+                after_skip()
+                done = True
+            yield begin, end, data_iterator
+        if not done:
+            after_skip()
+
+    epoch_iterator._enumerate_iterator = skipping
