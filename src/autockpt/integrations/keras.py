@@ -425,6 +425,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
                 self.manager.wait_until_finished()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._state is not None and not self._stopped_mid_epoch:
+            self._save(logs, force=True)  # the finished state, so running the same fit again trains no more
         self.watcher.uninstall()
         internals.set_initial_epoch(self.model, None)
         self.manager.wait_until_finished()
