@@ -241,3 +241,45 @@ def test_keras_internals_pinned() -> None:
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 5  # no train step on skipped batches
     if keras.backend.backend() == "torch":  # NumPy input: skipped through the sampler, data not read
         assert seen["kind"] == "0" and seen["data_it"] == "_SingleProcessDataLoaderIter"
+
+
+def test_stop_training_mid_epoch_by_another_callback_is_not_an_epoch_done(tmp_path: Path) -> None:
+    class StopAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+            if batch == 1:
+                self.model.stop_training = True
+
+    model = keras_train.build()
+    _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq=1), StopAt()], epochs=3)
+    mgr = autockpt.CheckpointManager(tmp_path / "ck")
+    latest = mgr.latest_step
+    assert latest == 2
+    assert autockpt.manager.read_manifest(mgr.storage, latest)["metadata"] == {"epoch": 0, "batch": 2}
+    hist = _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq=1)], epochs=3)
+    assert hist.epoch == [0, 1, 2]
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 12  # 3 epochs x 4 batches, none twice
+
+
+def test_generator_input_warns_on_mid_epoch_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+            if batch == 2:
+                raise RuntimeError("boom")
+
+    x, y = keras_train.data()
+
+    def batches() -> Any:
+        while True:
+            for i in range(4):
+                yield x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16]
+
+    model = keras_train.build()
+    ck = AutoCheckpoint(tmp_path / "ck", save_freq=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(batches(), steps_per_epoch=4, epochs=1, callbacks=[ck, Crash()], verbose=0)
+    ck.on_train_end()  # Keras skips on_train_end when fit raises; give the signal handlers back
+    with caplog.at_level("WARNING", logger="autockpt"):
+        hist = keras_train.build().fit(batches(), steps_per_epoch=4, epochs=1,
+                                       callbacks=[AutoCheckpoint(tmp_path / "ck")], verbose=0)
+    assert "may not see the same data" in caplog.text and "steps_per_epoch" in caplog.text
+    assert hist.epoch == [0]

@@ -35,6 +35,32 @@ def find_fit_locals(model: Any) -> dict[str, Any] | None:
     return None
 
 
+# Inputs whose batches at (epoch, batch) are a function of the RNG state at the epoch's start, which the
+# callback replays: NumPy/array-like inputs, PyDataset, and torch DataLoaders (shuffled with torch's RNG).
+EXACT_ADAPTERS = ("ArrayDataAdapter", "PyDatasetAdapter", "TorchDataLoaderAdapter")
+
+
+def mid_epoch_caveat(epoch_iterator: Any) -> str | None:
+    """Why resuming this fit's data in the middle of an epoch may not be exact, or None if it is."""
+    if getattr(epoch_iterator, "steps_per_epoch", None):
+        return ("fit(steps_per_epoch=...) makes Keras carry one data iterator across epochs, so a batch's "
+                "data depends on every earlier epoch, which autockpt does not replay")
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    name = type(adapter).__name__
+    if getattr(adapter, "enqueuer", None) is not None:
+        return ("a PyDataset with workers > 1 or use_multiprocessing shuffles in a background thread, whose "
+                "draws from Python's RNG race with the main thread's")
+    loader = getattr(adapter, "_dataloader", None)
+    if loader is not None and (getattr(loader, "generator", None) is not None
+                               or getattr(getattr(loader, "sampler", None), "generator", None) is not None):
+        return "a torch DataLoader with its own generator= shuffles with an RNG autockpt does not save"
+    if name not in EXACT_ADAPTERS:
+        return (f"{name} input is skipped by drawing the epoch's first batches again from a fresh iterator, "
+                "which is exact only if it yields the same batches in every process (a seeded, "
+                "restartable generator or dataset; tf.data shuffling uses TensorFlow's RNG, not restored)")
+    return None
+
+
 def set_initial_epoch(model: Any, epoch: int | None) -> None:
     """Make the running ``fit`` start at ``epoch`` (call from ``on_train_begin``); None clears it."""
     model._initial_epoch = epoch

@@ -332,6 +332,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self._state: dict[str, Any] | None = None
         self._stopped_mid_epoch = False
         self._due_at_epoch_end = False
+        self._restart_epoch = False
 
     # ---------------------------------------------------------------- state
     def _callbacks(self) -> list[Any]:
@@ -361,13 +362,22 @@ class AutoCheckpoint(keras.callbacks.Callback):
             prog = self._state["progress"].loaded
             self._resume = {"progress": prog, "callbacks": self._state["callbacks"].loaded}
             self._epoch, self._batch, self._global = prog["epoch"], prog["batch"], prog["global_batch"]
-            if self._batch > 0 and (self._fit is None or self._fit.get("epoch_iterator") is None):
+            iterator = None if self._fit is None else self._fit.get("epoch_iterator")
+            if self._batch > 0 and iterator is None:
                 log.warning(
                     "autockpt: cannot resume epoch %d at batch %d here (this fit does not expose its data "
                     "iterator); the epoch restarts from its first batch, so %d batches are trained on twice. "
-                    "Save with save_freq='epoch' to avoid this.", self._epoch, self._batch, self._batch)
+                    "Use save_freq='epoch' to avoid this.", self._epoch, self._batch, self._batch)
                 self._global -= self._batch
                 self._batch = 0
+                self._restart_epoch = True
+            elif self._batch > 0:
+                caveat = internals.mid_epoch_caveat(iterator)
+                if caveat is not None:
+                    log.warning(
+                        "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
+                        "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
+                        "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
             internals.set_initial_epoch(self.model, self._epoch)
             log.info("autockpt: resuming at epoch %d, batch %d (step %d)", self._epoch, self._batch, self._global)
         self.watcher.install()
@@ -387,7 +397,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
                     self._fit["epoch_iterator"], self._batch, lambda: rng_state.load_state_dict(rng_state.loaded)
                 )
                 return
-            rng_state.load_state_dict(rng_state.loaded)
+            rng_state.load_state_dict(prog["epoch_rng"] if self._restart_epoch else rng_state.loaded)
         self._epoch, self._batch = epoch, 0
         self._epoch_rng = KerasRNGState().state_dict()
 
@@ -412,6 +422,13 @@ class AutoCheckpoint(keras.callbacks.Callback):
             self._due_at_epoch_end = True
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        steps = self.params.get("steps") if self.params else None
+        if not self._stopped_mid_epoch and steps is not None and self._batch < steps:
+            # Another callback set stop_training mid-epoch: the epoch is not done, so do not record it as
+            # done; the last batch checkpoint stands and a new fit resumes from it.
+            log.info("autockpt: training stopped at batch %d of epoch %d; not saving the partial epoch as done",
+                     self._batch, epoch)
+            self._stopped_mid_epoch = True
         if self._stopped_mid_epoch:
             return
         due = self.save_freq == "epoch" or self._due_at_epoch_end or self.watcher.triggered
