@@ -32,8 +32,8 @@ TOTAL = keras_train.EPOCHS * (keras_train.N // keras_train.BATCH)
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
-    return env
+    backend = os.environ.get("KERAS_BACKEND", "torch")
+    return dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
 
 
 def _run(ckpt: Path, out: Path, kind: str, sig: int | None = None, at: int = 0) -> tuple[str, list[str]]:
@@ -170,9 +170,10 @@ def test_mismatched_model_raises_before_touching_it(tmp_path: Path) -> None:
         VariablesState(other.weights).load_state_dict({"0000": np.zeros((6, 17), "float32")})
 
 
-def test_finished_run_does_not_train_again_and_fit_is_left_clean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True])
+def test_finished_run_does_not_train_again_and_fit_is_left_clean(tmp_path: Path, async_save: bool) -> None:
     model = keras_train.build()
-    h1 = _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq=3, max_to_keep=None)])
+    h1 = _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq=3, max_to_keep=None, async_save=async_save)])
     assert h1.epoch == [0, 1]
     weights = model.get_weights()
     h2 = _fit(model, [AutoCheckpoint(tmp_path / "ck")])  # the same line again: nothing left to do

@@ -13,7 +13,9 @@ What we rely on:
    ``(begin_step, end_step, data_iterator)`` per step; ``__next__`` then pulls the batch from
    ``data_iterator``. We override ``_enumerate_iterator`` on the instance for one epoch to drop the first
    ``k`` steps, advancing ``data_iterator`` past their batches, so no train step and no callback runs for them.
-3. A single-process map-style ``torch.utils.data.DataLoader`` iterator (what Keras builds for NumPy arrays
+3. On the JAX backend, ``model.jax_state_sync()`` writes the trainer's state back into the variables
+   (needed before reading them in a batch callback).
+4. A single-process map-style ``torch.utils.data.DataLoader`` iterator (what Keras builds for NumPy arrays
    on the torch backend) can move to its next batch with ``_next_index()`` without reading the data.
 """
 
@@ -59,6 +61,15 @@ def mid_epoch_caveat(epoch_iterator: Any) -> str | None:
                 "which is exact only if it yields the same batches in every process (a seeded, "
                 "restartable generator or dataset; tf.data shuffling uses TensorFlow's RNG, not restored)")
     return None
+
+
+def sync_backend_state(model: Any) -> None:
+    """Make the model's variables current. The JAX trainer keeps them in its own state during an epoch
+    (the variables are purged) and copies them back with ``model.jax_state_sync()``; other backends update
+    the variables in place."""
+    sync = getattr(model, "jax_state_sync", None)
+    if callable(sync):
+        sync()
 
 
 def set_initial_epoch(model: Any, epoch: int | None) -> None:

@@ -342,12 +342,17 @@ class AutoCheckpoint(keras.callbacks.Callback):
 
     def _save(self, logs: dict[str, Any] | None, force: bool = False) -> None:
         assert self._state is not None
+        internals.sync_backend_state(self.model)
         self._state["progress"].value = {
             "epoch": self._epoch, "batch": self._batch, "global_batch": self._global,
             "epoch_rng": self._epoch_rng,
         }
         self._state["callbacks"].value = _callback_states(self._callbacks())
-        metrics = {k: v for k, v in (logs or {}).items() if np.ndim(_plain(v)) == 0}
+        metrics = {}
+        for k, v in (logs or {}).items():
+            v = _plain(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[k] = v
         self.manager.save(self._global, self._state, metrics=metrics, force=force,
                           metadata={"epoch": self._epoch, "batch": self._batch})
 
