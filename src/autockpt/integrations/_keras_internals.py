@@ -1,0 +1,121 @@
+"""Every use of Keras (and torch DataLoader) internals by ``autockpt.integrations.keras``, in one place.
+
+Tested against Keras 3.15.1 (torch backend) by ``tests/test_keras.py::test_keras_internals_pinned``; if a
+Keras release changes one of these, that test fails and names it.
+
+What we rely on:
+
+1. ``Model.fit`` (torch, JAX and TensorFlow trainers alike) keeps its ``EpochIterator`` in a local named
+   ``epoch_iterator`` and its ``CallbackList`` in a local named ``callbacks``, and reads
+   ``model._initial_epoch`` right after ``callbacks.on_train_begin()`` (``initial_epoch = self._initial_epoch
+   or initial_epoch``), which is also how Keras' own ``BackupAndRestore`` sets the starting epoch.
+2. ``EpochIterator.__iter__`` calls ``self._enumerate_iterator()``, a generator yielding
+   ``(begin_step, end_step, data_iterator)`` per step; ``__next__`` then pulls the batch from
+   ``data_iterator``. We override ``_enumerate_iterator`` on the instance for one epoch to drop the first
+   ``k`` steps, advancing ``data_iterator`` past their batches, so no train step and no callback runs for them.
+3. On the JAX backend, ``model.jax_state_sync()`` writes the trainer's state back into the variables
+   (needed before reading them in a batch callback).
+4. A single-process map-style ``torch.utils.data.DataLoader`` iterator (what Keras builds for NumPy arrays
+   on the torch backend) can move to its next batch with ``_next_index()`` without reading the data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def find_fit_locals(model: Any) -> dict[str, Any] | None:
+    """The local variables of the running ``model.fit`` call (from a callback), or None if not found."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        loc = frame.f_locals
+        if frame.f_code.co_name == "fit" and loc.get("self") is model and "epoch_iterator" in loc:
+            return dict(loc)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+# Inputs whose batches at (epoch, batch) are a function of the RNG state at the epoch's start, which the
+# callback replays: NumPy/array-like inputs, PyDataset, and torch DataLoaders (shuffled with torch's RNG).
+EXACT_ADAPTERS = ("ArrayDataAdapter", "PyDatasetAdapter", "TorchDataLoaderAdapter")
+
+
+def mid_epoch_caveat(epoch_iterator: Any) -> str | None:
+    """Why resuming this fit's data in the middle of an epoch may not be exact, or None if it is."""
+    if getattr(epoch_iterator, "steps_per_epoch", None):
+        return ("fit(steps_per_epoch=...) makes Keras carry one data iterator across epochs, so a batch's "
+                "data depends on every earlier epoch, which autockpt does not replay")
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    name = type(adapter).__name__
+    if getattr(adapter, "enqueuer", None) is not None:
+        return ("a PyDataset with workers > 1 or use_multiprocessing shuffles in a background thread, whose "
+                "draws from Python's RNG race with the main thread's")
+    loader = getattr(adapter, "_dataloader", None)
+    if loader is not None and (getattr(loader, "generator", None) is not None
+                               or getattr(getattr(loader, "sampler", None), "generator", None) is not None):
+        return "a torch DataLoader with its own generator= shuffles with an RNG autockpt does not save"
+    if name not in EXACT_ADAPTERS:
+        return (f"{name} input is skipped by drawing the epoch's first batches again from a fresh iterator, "
+                "which is exact only if it yields the same batches in every process (a seeded, "
+                "restartable generator or dataset; tf.data shuffling uses TensorFlow's RNG, not restored)")
+    return None
+
+
+def sync_backend_state(model: Any) -> None:
+    """Make the model's variables current. The JAX trainer keeps them in its own state during an epoch
+    (the variables are purged) and copies them back with ``model.jax_state_sync()``; other backends update
+    the variables in place."""
+    sync = getattr(model, "jax_state_sync", None)
+    if callable(sync):
+        sync()
+
+
+def set_initial_epoch(model: Any, epoch: int | None) -> None:
+    """Make the running ``fit`` start at ``epoch`` (call from ``on_train_begin``); None clears it."""
+    model._initial_epoch = epoch
+
+
+def _advance(data_iterator: Any) -> None:
+    """Move ``data_iterator`` past one batch, without reading it where the iterator allows."""
+    kind = getattr(data_iterator, "_dataset_kind", None)
+    if (
+        kind is not None
+        and callable(getattr(data_iterator, "_next_index", None))
+        and getattr(data_iterator, "_num_workers", 1) == 0
+        and kind == sys.modules["torch.utils.data.dataloader"]._DatasetKind.Map
+    ):
+        data_iterator._next_index()
+        data_iterator._num_yielded += 1
+        return
+    next(data_iterator)
+
+
+def skip_steps_next_epoch(epoch_iterator: Any, k: int, after_skip: Callable[[], None]) -> None:
+    """Make the next epoch of ``epoch_iterator`` start at step ``k``; ``after_skip()`` runs once it is there.
+
+    The data iterator is created and advanced exactly as in a full epoch (so shuffling draws the same
+    random numbers), but the first ``k`` batches are neither trained on nor shown to callbacks.
+    """
+    original = type(epoch_iterator)._enumerate_iterator.__get__(epoch_iterator)
+
+    def skipping() -> Iterator[tuple[int, int, Any]]:
+        del epoch_iterator._enumerate_iterator  # one epoch only
+        done = False
+        for begin, end, data_iterator in original():
+            if begin < k:
+                for _ in range(end - begin + 1):
+                    _advance(data_iterator)
+                if end + 1 >= k:
+                    after_skip()
+                    done = True
+                continue
+            if not done:
+                after_skip()
+                done = True
+            yield begin, end, data_iterator
+        if not done:
+            after_skip()
+
+    epoch_iterator._enumerate_iterator = skipping

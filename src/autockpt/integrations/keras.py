@@ -1,0 +1,455 @@
+"""Keras 3: ``AutoCheckpoint``, a ``model.fit`` callback that resumes exactly, mid-epoch included.
+
+```python
+from autockpt.integrations.keras import AutoCheckpoint
+model.fit(x, y, epochs=20, callbacks=[AutoCheckpoint("s3://bucket/run3", save_freq=200, max_to_keep=3)])
+```
+
+Run the same line again after the process died and training continues where it stopped. Works with any
+Keras backend (tested with torch); storage goes through fsspec, so remote URLs need no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from autockpt.errors import InvalidArgumentError, StateMismatchError
+from autockpt.integrations import _keras_internals as internals
+from autockpt.manager import CheckpointManager
+from autockpt.preemption import PreemptionWatcher
+from autockpt.retention import KeepBest
+from autockpt.rng import RNGState
+
+log = logging.getLogger("autockpt")
+
+__all__ = ["AutoCheckpoint", "KerasRNGState", "VariablesState", "keras_state"]
+
+# Attributes of Keras' own callbacks that decide their future behaviour (the best value seen, patience).
+_CALLBACK_ATTRS: dict[str, tuple[str, ...]] = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+    "ModelCheckpoint": ("best", "_batches_seen_since_last_saving", "_last_batch_seen"),
+}
+
+
+def _np(v: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(v))
+
+
+class VariablesState:
+    """A list of Keras variables as a stateful object: ``state_dict()`` gives NumPy copies keyed by position.
+
+    ``load_state_dict`` checks every key, shape and dtype before assigning anything, and raises
+    ``StateMismatchError`` (leaving every variable untouched) if the checkpoint does not fit.
+
+    ```python
+    state = VariablesState(model.weights)
+    saved = state.state_dict()            # {"0000": array, "0001": array, ...}
+    state.load_state_dict(saved)          # variable.assign(...) for each
+    ```
+    """
+
+    def __init__(self, variables: Sequence[Any], name: str = "variables") -> None:
+        self.variables = list(variables)
+        self.name = name
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {f"{i:04d}": _np(v) for i, v in enumerate(self.variables)}
+
+    def _check(self, state: dict[str, Any]) -> list[np.ndarray]:
+        keys = [f"{i:04d}" for i in range(len(self.variables))]
+        if sorted(state) != keys:
+            raise StateMismatchError(
+                f"{self.name}: the checkpoint has {len(state)} variables, the model {len(keys)}; nothing was "
+                "restored. Build the model (and optimizer) with the same code as the run that saved it."
+            )
+        out, bad = [], []
+        for key, var in zip(keys, self.variables, strict=True):
+            value = np.asarray(state[key])
+            want = (tuple(int(d) for d in var.shape), np.dtype(keras.backend.standardize_dtype(var.dtype)))
+            if (value.shape, value.dtype) != want:
+                bad.append(f"{key} {var.path} (model {want[1]}{list(want[0])}, checkpoint {value.dtype}"
+                           f"{list(value.shape)})")
+            out.append(value)
+        if bad:
+            raise StateMismatchError(f"{self.name}: variables do not match; nothing was restored: "
+                                     + "; ".join(bad), mismatched=bad)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = self._check(state)
+        for var, value in zip(self.variables, values, strict=True):
+            var.assign(value)
+
+
+class _MetricsState:
+    """Running metric accumulators (the mean loss so far in the epoch), kept as plain numbers.
+
+    Plain values, so a fresh model whose compile metrics are not built yet still takes the checkpoint; the
+    callback applies them (checked) when it resumes mid-epoch, after Keras resets the metrics.
+    """
+
+    def __init__(self, model: Any, strict: bool = False) -> None:
+        self.model = model
+        self.strict = strict
+        self.pending: list[Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        vals = [_np(v) for v in self.model.metrics_variables]
+        return {"values": [v.tolist() for v in vals], "dtypes": [str(v.dtype) for v in vals]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = [np.asarray(v, dtype=d) for v, d in zip(state["values"], state["dtypes"], strict=True)]
+        if self.strict:  # restored first, so a mismatch raises before anything is assigned
+            VariablesState(self.model.metrics_variables, "metrics")._check(self._as_dict(self.pending))
+
+    @staticmethod
+    def _as_dict(values: list[Any]) -> dict[str, Any]:
+        return {f"{i:04d}": v for i, v in enumerate(values)}
+
+    def apply(self) -> None:
+        values, self.pending = self.pending, None
+        if values is None:
+            return
+        VariablesState(self.model.metrics_variables, "metrics").load_state_dict(self._as_dict(values))
+
+
+class KerasRNGState:
+    """Python's, NumPy's and torch's global RNGs (``autockpt.RNGState``) plus Keras' global seed generator.
+
+    ```python
+    rng = KerasRNGState()
+    saved = rng.state_dict()
+    rng.load_state_dict(saved)
+    ```
+    """
+
+    loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        from keras.src.backend.common import global_state
+        from keras.src.random import seed_generator
+
+        gen = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
+        keras_state = None if gen is None else [int(x) for x in _np(gen.state).ravel()]
+        return {"global": RNGState().state_dict(), "keras": keras_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from keras.src.backend.common import global_state
+        from keras.src.random import seed_generator
+
+        self.loaded = state
+        RNGState().load_state_dict(state["global"])
+        if state["keras"] is None:
+            global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+        else:
+            st = seed_generator.global_seed_generator().state
+            st.assign(np.asarray(state["keras"], dtype=keras.backend.standardize_dtype(st.dtype)).reshape(st.shape))
+
+
+class _Stash:
+    """A plain-valued state the callback applies itself, at the right moment."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.value
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = state
+
+
+def _plain(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_np(x) for x in v]  # e.g. EarlyStopping.best_weights
+    arr = _np(v)
+    return arr.item() if arr.ndim == 0 else arr
+
+
+def _callback_states(callbacks: Iterable[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for cb in callbacks:
+        cls = type(cb).__name__
+        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+            state = cb.state_dict()
+        elif cls in _CALLBACK_ATTRS:
+            state = {a: _plain(getattr(cb, a)) for a in _CALLBACK_ATTRS[cls] if hasattr(cb, a)}
+        else:
+            continue
+        key = f"{cls}_{counts.get(cls, 0)}"
+        counts[cls] = counts.get(cls, 0) + 1
+        out[key] = state
+    return out
+
+
+def _restore_callbacks(callbacks: Iterable[Any], saved: dict[str, Any]) -> None:
+    counts: dict[str, int] = {}
+    seen = set()
+    for cb in callbacks:
+        cls = type(cb).__name__
+        stateful = callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+        if not stateful and cls not in _CALLBACK_ATTRS:
+            continue
+        key = f"{cls}_{counts.get(cls, 0)}"
+        counts[cls] = counts.get(cls, 0) + 1
+        if key not in saved:
+            log.warning("autockpt: the checkpoint has no state for callback %s; it starts afresh", key)
+            continue
+        seen.add(key)
+        if stateful:
+            cb.load_state_dict(saved[key])
+        else:
+            for attr, value in saved[key].items():
+                setattr(cb, attr, value)
+    for key in set(saved) - seen:
+        log.warning("autockpt: the checkpoint holds state for callback %s, which this fit does not have", key)
+
+
+def keras_state(model: Any, _strict: bool = False) -> dict[str, Any]:
+    """The state ``AutoCheckpoint`` saves, for use with a plain ``CheckpointManager``.
+
+    The model must be built and compiled with its optimizer; the optimizer is built here if it is not.
+    ``restore`` fills the model's variables (weights and seed generators), the optimizer's (iterations,
+    moments, learning rate) and the global RNGs; ``state["progress"].loaded`` then holds the saved epoch
+    and batch position.
+
+    ```python
+    import autockpt
+    from autockpt.integrations.keras import keras_state
+    model = build_model()                      # the same code as the run that saved
+    step = autockpt.CheckpointManager("runs/keras1").restore(keras_state(model))
+    ```
+    """
+    opt = getattr(model, "optimizer", None)
+    if opt is None:
+        raise InvalidArgumentError("the model has no optimizer: call model.compile(optimizer=..., loss=...) first")
+    if not opt.built:
+        opt.build(model.trainable_variables)
+    return {
+        "metrics": _MetricsState(model, _strict),
+        "model": VariablesState(model.variables, "model"),
+        "optimizer": VariablesState(opt.variables, "optimizer"),
+        "rng": KerasRNGState(),
+        "progress": _Stash({}),
+        "callbacks": _Stash({}),
+    }
+
+
+def _mode_for(monitor: str, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "max" if any(s in monitor for s in ("acc", "auc", "precision", "recall", "f1")) else "min"
+
+
+class AutoCheckpoint(keras.callbacks.Callback):
+    """Checkpoints ``model.fit`` so that running the same ``fit`` again after a crash resumes exactly.
+
+    Args:
+        directory: local path or fsspec URL (``s3://bucket/run3``, ``gs://...``, ``memory://...``).
+        save_freq: ``"epoch"`` (at each epoch end) or an int: every that many batches.
+        save_every_seconds: also save at the first batch end after this many seconds.
+        max_to_keep, keep_every_n_hours: retention, as in ``CheckpointManager``.
+        monitor: a logged metric (e.g. ``"val_loss"``); the ``keep_best`` best checkpoints by it are kept too.
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (max for accuracy-like names, else min).
+        keep_best: how many best checkpoints to keep when ``monitor`` is set.
+        async_save: write in a background thread (see ``CheckpointManager``).
+        storage_options: passed to fsspec.
+        signals: signals that save at the end of the current batch and stop training (SIGTERM, SIGUSR1).
+
+    Restores, at the start of ``fit``: model variables (weights, seed generators), optimizer variables
+    (iterations, so learning-rate schedules continue; moments), the epoch and the batch inside it, the
+    running metrics, Python/NumPy/torch/Keras RNGs, and the state of ``EarlyStopping``, ``ReduceLROnPlateau``,
+    ``ModelCheckpoint`` and any callback with ``state_dict()``/``load_state_dict()``. A mid-epoch resume
+    replays the epoch's shuffle and skips the batches already trained on without training on them (for
+    NumPy arrays on the torch backend, without even reading them); NumPy arrays and ``PyDataset``\\s need no
+    wrapper. Python generators are skipped by drawing their first batches, so they must be deterministic.
+
+    ```python
+    import keras, numpy as np
+    from autockpt.integrations.keras import AutoCheckpoint
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = np.random.rand(256, 4), np.random.rand(256, 1)
+    model.fit(x, y, epochs=3, batch_size=16,
+              callbacks=[AutoCheckpoint("/tmp/keras_demo", save_freq=5, max_to_keep=2)])
+    ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        save_freq: str | int = "epoch",
+        save_every_seconds: float | None = None,
+        max_to_keep: int | None = 5,
+        keep_every_n_hours: float | None = None,
+        monitor: str | None = None,
+        mode: str = "auto",
+        keep_best: int = 1,
+        async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
+    ) -> None:
+        super().__init__()
+        if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
+                                         and save_freq > 0)):
+            raise InvalidArgumentError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
+        if mode not in ("auto", "min", "max"):
+            raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        best = KeepBest(monitor, _mode_for(monitor, mode), keep_best) if monitor is not None else None  # type: ignore[arg-type]
+        self.save_freq = save_freq
+        self.monitor = monitor
+        self.watcher = PreemptionWatcher(signals)
+        self.manager = CheckpointManager(
+            directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
+            save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
+        )
+        self.save_every_seconds = save_every_seconds
+        self.restored_step: int | None = None
+        self.preempted = False
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._epoch = 0
+        self._batch = 0  # batches done in the current epoch
+        self._global = 0  # batches done in the whole run
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None
+        self._fit: dict[str, Any] | None = None
+        self._state: dict[str, Any] | None = None
+        self._stopped_mid_epoch = False
+        self._due_at_epoch_end = False
+        self._restart_epoch = False
+
+    # ---------------------------------------------------------------- state
+    def _callbacks(self) -> list[Any]:
+        if self._fit is None or self._fit.get("callbacks") is None:
+            return []
+        return [cb for cb in getattr(self._fit["callbacks"], "callbacks", []) if cb is not self]
+
+    def _save(self, logs: dict[str, Any] | None, force: bool = False) -> None:
+        assert self._state is not None
+        internals.sync_backend_state(self.model)
+        self._state["progress"].value = {
+            "epoch": self._epoch, "batch": self._batch, "global_batch": self._global,
+            "epoch_rng": self._epoch_rng,
+        }
+        self._state["callbacks"].value = _callback_states(self._callbacks())
+        metrics = {}
+        for k, v in (logs or {}).items():
+            v = _plain(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[k] = v
+        self.manager.save(self._global, self._state, metrics=metrics, force=force,
+                          metadata={"epoch": self._epoch, "batch": self._batch})
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._reset_run()
+        self.preempted = False
+        self._fit = internals.find_fit_locals(self.model)
+        self._state = keras_state(self.model, _strict=True)
+        self.restored_step = self.manager.restore(self._state)
+        if self.restored_step is not None:
+            prog = self._state["progress"].loaded
+            self._resume = {"progress": prog, "callbacks": self._state["callbacks"].loaded}
+            self._epoch, self._batch, self._global = prog["epoch"], prog["batch"], prog["global_batch"]
+            iterator = None if self._fit is None else self._fit.get("epoch_iterator")
+            if self._batch > 0 and iterator is None:
+                log.warning(
+                    "autockpt: cannot resume epoch %d at batch %d here (this fit does not expose its data "
+                    "iterator); the epoch restarts from its first batch, so %d batches are trained on twice. "
+                    "Use save_freq='epoch' to avoid this.", self._epoch, self._batch, self._batch)
+                self._global -= self._batch
+                self._batch = 0
+                self._restart_epoch = True
+            elif self._batch > 0:
+                caveat = internals.mid_epoch_caveat(iterator)
+                if caveat is not None:
+                    log.warning(
+                        "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
+                        "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
+                        "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
+            internals.set_initial_epoch(self.model, self._epoch)
+            log.info("autockpt: resuming at epoch %d, batch %d (step %d)", self._epoch, self._batch, self._global)
+        self.watcher.install()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None and epoch == self._epoch:
+            assert self._state is not None
+            _restore_callbacks(self._callbacks(), resume["callbacks"] or {})
+            prog, rng_state = resume["progress"], self._state["rng"]
+            if self._batch > 0:
+                self._state["metrics"].apply()  # after Keras reset them for this epoch
+                self._epoch_rng = prog["epoch_rng"]
+                KerasRNGState().load_state_dict(prog["epoch_rng"])  # replays the epoch's shuffle
+                assert self._fit is not None
+                internals.skip_steps_next_epoch(
+                    self._fit["epoch_iterator"], self._batch, lambda: rng_state.load_state_dict(rng_state.loaded)
+                )
+                return
+            rng_state.load_state_dict(prog["epoch_rng"] if self._restart_epoch else rng_state.loaded)
+        self._epoch, self._batch = epoch, 0
+        self._epoch_rng = KerasRNGState().state_dict()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._global += batch + 1 - self._batch
+        self._batch = batch + 1
+        steps = self.params.get("steps") if self.params else None
+        last = steps is not None and self._batch >= steps
+        due = (self.save_freq != "epoch" and self._global % int(self.save_freq) == 0) or (
+            self.save_every_seconds is not None and self.manager.should_save(-1)
+        )
+        if self.watcher.triggered:
+            self.preempted = True
+            self.model.stop_training = True
+            if not last:  # the last batch's save happens at epoch end, with the epoch done
+                self._stopped_mid_epoch = True
+                self._save(logs, force=True)
+                self.manager.wait_until_finished()
+        elif due and not last:
+            self._save(logs, force=True)
+        elif due:
+            self._due_at_epoch_end = True
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        steps = self.params.get("steps") if self.params else None
+        if not self._stopped_mid_epoch and steps is not None and self._batch < steps:
+            # Another callback set stop_training mid-epoch: the epoch is not done, so do not record it as
+            # done; the last batch checkpoint stands and a new fit resumes from it.
+            log.info("autockpt: training stopped at batch %d of epoch %d; not saving the partial epoch as done",
+                     self._batch, epoch)
+            self._stopped_mid_epoch = True
+        if self._stopped_mid_epoch:
+            return
+        due = self.save_freq == "epoch" or self._due_at_epoch_end or self.watcher.triggered
+        self._due_at_epoch_end = False
+        self._epoch, self._batch = epoch + 1, 0
+        if due:
+            self._save(logs, force=True)
+            if self.watcher.triggered:
+                self.preempted = True
+                self.model.stop_training = True
+                self.manager.wait_until_finished()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._state is not None and not self._stopped_mid_epoch:
+            self._save(logs, force=True)  # the finished state, so running the same fit again trains no more
+        self.watcher.uninstall()
+        internals.set_initial_epoch(self.model, None)
+        self.manager.wait_until_finished()
+        self._fit = None
