@@ -317,3 +317,35 @@ def test_import_autockpt_does_not_import_torch() -> None:
     code = "import sys, autockpt; autockpt.resume; autockpt.ResumableLoader; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
+
+
+def test_configured_signal_stops_after_saving_the_step_it_came_in(tmp_path: Path) -> None:
+    seen: list[int] = []
+    def earlier(signum: int, frame: object) -> None:  # a handler installed before autockpt's
+        seen.append(signum)
+
+    before = signal.signal(signal.SIGUSR2, earlier)
+    try:
+        model, opt = _model_opt()
+        with autockpt.resume(tmp_path, model=model, optimizer=opt, every_n_steps=100, signals=["SIGUSR2"],
+                             async_save=True) as run:
+            for step in run.steps(50):
+                _train_one(model, opt)
+                if step == 4:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                    _train_one(model, opt)  # the step goes on after the signal; it is not cut short
+        weights = model.weight.detach().clone()
+        assert seen == [signal.SIGUSR2]
+        assert run.preempted and not run.finished and run.step == 5
+        assert run.signal == signal.SIGUSR2 and run.exit_code == 128 + signal.SIGUSR2
+        assert run.manager.all_steps() == [5]
+        assert torch.equal(autockpt.load(tmp_path)["model"]["weight"], weights)
+        assert signal.getsignal(signal.SIGUSR2) is earlier  # put back on leaving the block
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def _train_one(model: object, opt: object) -> None:
+    opt.zero_grad()
+    model(torch.ones(2, 3)).pow(2).mean().backward()
+    opt.step()
