@@ -34,6 +34,8 @@ class Child:
         cmd = [sys.executable, str(SCRIPT), "--ckpt", str(d / "ckpt"), "--log", str(d / "losses.jsonl"),
                "--params", str(d / "params.hex"), "--signals-log", str(d / "signals.jsonl"), "--total", str(TOTAL),
                *extra]
+        if sig is not None:  # steps from `at` on take longer, so that the signal lands in step `at` on a busy machine
+            cmd += ["--slow-from", str(at)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
         assert p.stdout is not None
         self.lines: list[str] = []
@@ -127,6 +129,7 @@ def test_interrupted_training_matches_uninterrupted_bit_for_bit(tmp_path: Path) 
             after = _check_sigterm(run, c, n_rec, double)
         events.append((signal.Signals(sig).name, resumed_at, target, after))
         resumed_at = after
+    print(f"seed {seed}: (signal, resumed from, target step, checkpoint after): {events}")
     c = Child(run)
     assert c.returncode == 0 and c.start == resumed_at, c.stderr[-3000:]
     assert c.exit is not None and c.exit["step"] == str(TOTAL)

@@ -22,6 +22,12 @@ in progress finishes, a checkpoint of it is saved, the loop stops, ``run.preempt
 is ``128 + signal`` (143 for SIGTERM), the code a shell reports for a process that signal ended, so that a
 supervisor restarts it. Handlers installed before keep running; signals that arrive during the final save
 are recorded and ignored, so they cannot interrupt or corrupt it.
+
+Requeueing: end the script with ``sys.exit(run.exit_code)``. Kubernetes (a Job or a Pod with
+``restartPolicy: OnFailure``) restarts a container that exits non-zero, and the restart resumes. On SLURM, submit
+with ``--requeue`` (and ``--signal=B:TERM@120`` for an early warning), or requeue yourself when
+``run.preempted``: ``subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])``. A process that
+is killed without warning (SIGKILL, OOM, a lost node) resumes from the newest checkpoint the interval saved.
 """
 
 from __future__ import annotations

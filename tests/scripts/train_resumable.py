@@ -30,6 +30,7 @@ ap.add_argument("--total", type=int, default=60)
 ap.add_argument("--every", type=int, default=5)
 ap.add_argument("--workers", type=int, default=2)
 ap.add_argument("--sleep", type=float, default=0.01)
+ap.add_argument("--slow-from", type=int, default=None, help="steps from this one on take 0.3 s (time to signal)")
 ap.add_argument("--double-term", action="store_true", help="send a 2nd SIGTERM to itself during the final save")
 args = ap.parse_args()
 
@@ -105,7 +106,7 @@ with autockpt.resume(args.ckpt, model=model, optimizer=opt, scheduler=sched, dat
         with open(args.log, "a") as f:
             f.write(json.dumps({"step": step, "loss": loss.item().hex(), "idx": idx.tolist()}) + "\n")
         run.log(loss=loss.item())
-        time.sleep(args.sleep)
+        time.sleep(0.3 if args.slow_from is not None and step >= args.slow_from else args.sleep)
         in_body = None
 
 if active.finished:
