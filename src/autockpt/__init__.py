@@ -12,9 +12,14 @@ with autockpt.CheckpointManager("runs/exp1", max_to_keep=3) as mgr:
 __version__ = "0.1.0"
 
 from autockpt import errors  # noqa: E402
+from autockpt.data import ResumableLoader, ResumableSampler  # noqa: E402
+from autockpt.loop import Run, resume  # noqa: E402
 from autockpt.manager import CheckpointManager  # noqa: E402
 from autockpt.reader import load  # noqa: E402
 from autockpt.retention import KeepBest  # noqa: E402
 from autockpt.rng import RNGState  # noqa: E402
 
-__all__ = ["CheckpointManager", "KeepBest", "RNGState", "errors", "load", "__version__"]
+__all__ = [
+    "CheckpointManager", "KeepBest", "RNGState", "ResumableLoader", "ResumableSampler", "Run", "errors", "load",
+    "resume", "__version__",
+]

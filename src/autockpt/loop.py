@@ -1,0 +1,309 @@
+"""``autockpt.resume``: crash and preemption recovery for a plain training loop in three added lines.
+
+```python
+with autockpt.resume("s3://bucket/run7", model=model, optimizer=opt, scheduler=sched, data=loader,
+                     every_n_steps=500, max_to_keep=3) as run:
+    batches = run.batches(loader)          # endless: epoch after epoch, from the restored position
+    for step in run.steps(100_000):        # like range(run.step, 100_000)
+        x, y = next(batches)
+        ...                                # one optimizer update
+        run.log(loss=loss.item())
+sys.exit(run.exit_code)                    # 0 when finished; 128 + signal number when preempted
+```
+
+Steps: a step is the number of completed optimizer updates; the checkpoint of step N holds the state after
+N updates. ``run.steps(total)`` yields ``run.step, ..., total - 1``; when the body for value ``s`` has
+finished, ``s + 1`` steps are complete, and that is when saving happens (when the loop asks for the next
+value). So a checkpoint never holds a half-done update: if the body raises, nothing is saved, and the
+previous checkpoint stays the newest.
+
+Preemption: SIGTERM and SIGUSR1 (configurable; Ctrl-C too) only set a flag (``PreemptionWatcher``). The step
+in progress finishes, a checkpoint of it is saved, the loop stops, ``run.preempted`` is True and ``run.exit_code``
+is ``128 + signal`` (143 for SIGTERM), the code a shell reports for a process that signal ended, so that a
+supervisor restarts it. Handlers installed before keep running; signals that arrive during the final save
+are recorded and ignored, so they cannot interrupt or corrupt it.
+
+Requeueing: end the script with ``sys.exit(run.exit_code)``. Kubernetes (a Job or a Pod with
+``restartPolicy: OnFailure``) restarts a container that exits non-zero, and the restart resumes. On SLURM, submit
+with ``--requeue`` (and ``--signal=B:TERM@120`` for an early warning), or requeue yourself when
+``run.preempted``: ``subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])``. A process that
+is killed without warning (SIGKILL, OOM, a lost node) resumes from the newest checkpoint the interval saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+from autockpt.data import is_plain_dataloader
+from autockpt.errors import InvalidArgumentError
+from autockpt.format import is_stateful
+from autockpt.manager import CheckpointManager
+from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
+from autockpt.rng import RNGState
+
+log = logging.getLogger("autockpt")
+
+DEFAULT_EVERY_N_SECONDS = 600.0
+_RESERVED = ("model", "optimizer", "scheduler", "data", "rng")
+_MANAGER_OPTIONS = tuple(
+    p for p in inspect.signature(CheckpointManager.__init__).parameters
+    if p not in ("self", "directory", "save_interval_steps", "save_interval_seconds")
+)
+
+
+class Run:
+    """The handle ``autockpt.resume(...)`` returns; use it as a context manager.
+
+    Attributes:
+        step: completed optimizer updates so far (on entry: the restored step, 0 when starting fresh).
+        restored: whether entering restored a checkpoint.
+        preempted: whether a signal stopped the loop (after saving the step in progress).
+        signal: the number of the signal that stopped it, or None.
+        manager: the underlying :class:`~autockpt.CheckpointManager`.
+        state: the mapping of names to objects that is saved and restored.
+    """
+
+    def __init__(
+        self,
+        directory: Any,
+        state: dict[str, Any],
+        every_n_steps: int | None,
+        every_n_seconds: float | None,
+        signals: Iterable[int | str],
+        catch_sigint: bool,
+        manager_options: dict[str, Any],
+    ) -> None:
+        self.state = state
+        self.manager = CheckpointManager(
+            directory, save_interval_steps=every_n_steps, save_interval_seconds=every_n_seconds, **manager_options
+        )
+        self._watcher = PreemptionWatcher(signals, catch_sigint=catch_sigint)
+        self.step = 0
+        self.restored = False
+        self.preempted = False
+        self.finished = False
+        self._metrics: dict[str, Any] = {}
+        self._entered = False
+        self._stepping = False
+
+    @property
+    def signal(self) -> int | None:
+        return self._watcher.received if self.preempted else None
+
+    @property
+    def exit_code(self) -> int:
+        """0 unless preempted; then ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C)."""
+        sig = self.signal
+        return 0 if sig is None else 128 + int(sig)
+
+    # ------------------------------------------------------------------------------------------ context
+    def __enter__(self) -> Run:
+        if self._entered:
+            raise InvalidArgumentError("this run was already entered; call autockpt.resume(...) again")
+        self._entered = True
+        self._watcher.install()
+        originals = dict(self.state)
+        try:
+            restored = self.manager.restore(self.state)
+            for key, orig in originals.items():  # plain containers were replaced in self.state: update them
+                new = self.state[key]
+                if new is not orig and isinstance(orig, MutableMapping) and isinstance(new, Mapping):
+                    orig.clear()
+                    orig.update(new)
+                    self.state[key] = orig
+                elif new is not orig and isinstance(orig, list) and isinstance(new, (list, tuple)):
+                    orig[:] = new
+                    self.state[key] = orig
+        except BaseException:
+            self._watcher.uninstall()
+            self.manager.close()
+            raise
+        self.restored = restored is not None
+        self.step = restored or 0
+        if self.restored:
+            log.info("autockpt: resuming at step %d from %s", self.step, self.manager.directory)
+        else:
+            log.info("autockpt: no checkpoint in %s; starting fresh", self.manager.directory)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.manager.__exit__(exc_type, exc, tb)  # waits for an in-flight save
+        finally:
+            self._watcher.uninstall()
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def steps(self, total: int) -> Iterator[int]:
+        """Yield ``run.step, ..., total - 1``; save after each completed step that is due, on preemption and at
+        the end. Stops early (after saving) when a watched signal arrived.
+
+        ```python
+        for step in run.steps(1000):
+            ...  # one optimizer update
+        ```
+        """
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise InvalidArgumentError(f"total must be an int >= 0 (the number of steps to reach), got {total!r}")
+        if not self._entered:
+            raise InvalidArgumentError("use the run as a context manager: `with autockpt.resume(...) as run:`")
+        if self._stepping:
+            raise InvalidArgumentError("run.steps() is already being iterated; one loop per run")
+        return self._steps(total)
+
+    def _steps(self, total: int) -> Iterator[int]:
+        self._stepping = True
+        try:
+            if self._watcher.triggered:  # a signal came before the first step
+                self._stop()
+                return
+            while self.step < total:
+                yield self.step
+                # the body for that value returned: one more update is complete
+                self.step += 1
+                if self.step >= total:
+                    break
+                if self._watcher.triggered:
+                    self._stop()
+                    return
+                self.manager.save(self.step, self.state, metrics=self._metrics)
+            self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
+            self.finished = True
+        finally:
+            self._stepping = False
+
+    def _stop(self) -> None:
+        self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
+        self.manager.wait_until_finished()
+        self.preempted = True
+        name = signal.Signals(self._watcher.received).name if self._watcher.received else "?"
+        log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self.step,
+                    self.manager.directory, self.exit_code)
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Endless batches: iterate ``loader`` epoch after epoch (from its restored position).
+
+        Stops only if ``loader`` yields nothing twice in a row (an empty loader).
+        """
+        empty = 0
+        while empty < 2:
+            empty += 1
+            for batch in loader:
+                empty = 0
+                yield batch
+
+    def log(self, **metrics: Any) -> None:
+        """Record metrics for the checkpoints saved from now on (``keep_best`` ranks checkpoints by them)."""
+        self._metrics.update(self.manager._clean_metrics(metrics))
+
+    def save(self) -> bool:
+        """Save the current step now (between steps), whether due or not; False if it already has a checkpoint."""
+        return self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
+
+
+def resume(
+    directory: Any,
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    data: Any = None,
+    state: Mapping[str, Any] | None = None,
+    every_n_steps: int | None = None,
+    every_n_seconds: float | None = None,
+    rng: bool = True,
+    signals: Iterable[int | str] = DEFAULT_SIGNALS,
+    catch_sigint: bool = True,
+    **manager_options: Any,
+) -> Run:
+    """Restore the newest valid checkpoint of ``directory`` on entry (or start fresh), save as the loop goes.
+
+    Args:
+        directory: a local path or fsspec URL (``s3://bucket/run7``).
+        model, optimizer, scheduler: objects with ``state_dict()``/``load_state_dict()``, restored in place.
+        data: the data position: an :class:`autockpt.ResumableLoader`, a :class:`autockpt.ResumableSampler`
+            (exact only with ``num_workers=0``), or any loader with ``state_dict()``/``load_state_dict()``
+            such as torchdata's ``StatefulDataLoader``. A plain ``DataLoader`` cannot be positioned: it is
+            refused with a warning (a resumed run would repeat or skip samples).
+        state: more things to save and restore, by name: ``{"ema": ema, "scaler": scaler, "extra": {...}}``.
+            Stateful objects and tensors are restored in place, dicts and lists are updated in place; other
+            plain values (an int) are replaced in ``run.state``: read them back from there.
+        every_n_steps, every_n_seconds: when to save, besides at the end and on preemption. If neither is
+            given, every 600 seconds.
+        rng: also save and restore Python's, NumPy's and torch's (CPU and CUDA) random generators.
+        signals: the signals that mean "preempted: save and stop" (default SIGTERM and SIGUSR1).
+        catch_sigint: treat the first Ctrl-C the same way (a second one interrupts at once).
+        **manager_options: passed to :class:`~autockpt.CheckpointManager`: ``max_to_keep``, ``keep_best``,
+            ``keep_every_n_hours``, ``async_save``, ``storage_options``.
+
+    ```python
+    import torch, autockpt
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with autockpt.resume("/tmp/resume_demo", model=model, optimizer=opt, every_n_steps=10) as run:
+        for step in run.steps(50):
+            opt.zero_grad(); loss = model(torch.randn(8, 4)).pow(2).mean(); loss.backward(); opt.step()
+            run.log(loss=loss.item())
+    assert run.step == 50 and run.manager.latest_step == 50
+    ```
+    """
+    for name, value in (("every_n_steps", every_n_steps), ("every_n_seconds", every_n_seconds)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+            name == "every_n_steps" and not isinstance(value, int)
+        )):
+            kind = "int" if name == "every_n_steps" else "number"
+            raise InvalidArgumentError(f"{name} must be a positive {kind} or None, got {value!r}")
+    if every_n_steps is None and every_n_seconds is None:
+        every_n_seconds = DEFAULT_EVERY_N_SECONDS
+    unknown = sorted(set(manager_options) - set(_MANAGER_OPTIONS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"autockpt.resume got unknown options {unknown}; it takes every_n_steps/every_n_seconds and the "
+            f"CheckpointManager options {list(_MANAGER_OPTIONS)}"
+        )
+    if not isinstance(rng, bool):
+        raise InvalidArgumentError(f"rng must be True or False, got {rng!r}")
+    if state is not None and not isinstance(state, Mapping):
+        raise InvalidArgumentError(f"state must be a dict of names to objects, got {type(state).__name__}")
+    full: dict[str, Any] = {}
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if not is_stateful(obj):
+            raise InvalidArgumentError(
+                f"{name} must have state_dict() and load_state_dict() (a torch module, optimizer or scheduler), "
+                f"got {type(obj).__name__}"
+            )
+        full[name] = obj
+    if data is not None:
+        if is_stateful(data):
+            full["data"] = data
+        elif is_plain_dataloader(data):
+            warnings.warn(
+                "autockpt.resume: a plain torch DataLoader cannot save its position, so a resumed run would "
+                "repeat or skip samples; the data position is NOT saved. Use autockpt.ResumableLoader(dataset, "
+                "batch_size=..., shuffle=True, seed=...) instead (or a loader with state_dict()/load_state_dict()).",
+                UserWarning, stacklevel=2,
+            )
+        else:
+            raise InvalidArgumentError(
+                f"data must have state_dict() and load_state_dict() (autockpt.ResumableLoader, a stateful "
+                f"loader), got {type(data).__name__}"
+            )
+    if rng:
+        full["rng"] = RNGState()
+    for key, obj in (state or {}).items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgumentError(f"state keys must be non-empty str, got {key!r}")
+        if key in _RESERVED:
+            raise InvalidArgumentError(
+                f"state key {key!r} is taken by resume's own argument; pass it as {key}=... or rename it"
+            )
+        full[key] = obj
+    if not full:
+        raise InvalidArgumentError("nothing to checkpoint: pass model=, optimizer=, state= or rng=True")
+    return Run(directory, full, every_n_steps, every_n_seconds, signals, catch_sigint, dict(manager_options))
