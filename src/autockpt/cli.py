@@ -565,11 +565,17 @@ def _torch_load(path: str, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            what = f" such as {found.group(1)}" if found else ""
+            if found:
+                raise CliError(
+                    f"{path} holds Python objects such as {found.group(1)} beyond tensors and plain values, so "
+                    "torch.load(weights_only=True) refused it. Loading it runs pickle, which can execute arbitrary "
+                    "code: only if you trust where the file came from, run again with --trust-pickle."
+                ) from None
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
             raise CliError(
-                f"{path} holds Python objects{what} beyond tensors and plain values, so "
-                "torch.load(weights_only=True) refused it. Loading it runs pickle, which can execute arbitrary "
-                "code: only if you trust where the file came from, run again with --trust-pickle."
+                f"cannot read {path} safely: torch.load(weights_only=True) failed "
+                f"({detail[0] if detail else type(e).__name__}). If it is a torch.save file from a source you "
+                "trust, --trust-pickle reads it with pickle (which can execute arbitrary code)."
             ) from None
     return torch.load(path, map_location="cpu", weights_only=False)
 
