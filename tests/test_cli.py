@@ -336,9 +336,8 @@ def test_import_needs_trust_pickle_for_python_objects(tmp_path: Path) -> None:
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    for extra in ([], ["--trust-pickle"]):
-        r = cli("import", str(junk), "--to", url, "--step", "3", *extra)
-        assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    r = cli("import", str(junk), "--to", url, "--step", "3")
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_import_lightning_ckpt(tmp_path: Path) -> None:
@@ -418,8 +417,6 @@ def test_s3_every_command(s3_url: tuple[str, dict[str, Any]], tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert "(model/0.weight)" in r.stdout
 
-    assert cli("verify", url, "--all", *flags).returncode == 0
-
     out = tmp_path / "m.safetensors"
     r = cli("export", url, "--to", str(out), "--key", "model", *flags)
     assert r.returncode == 0, r.stderr
@@ -444,6 +441,7 @@ def test_s3_every_command(s3_url: tuple[str, dict[str, Any]], tmp_path: Path) ->
     r = cli("verify", url, "--all", *flags)
     assert r.returncode == 1
     assert any(ln.startswith("step 400: FAILED") and "tensors.safetensors" in ln for ln in r.stdout.splitlines())
+    assert any(ln.startswith("step 500: ok") for ln in r.stdout.splitlines())
 
     missing = url.rsplit("/", 1)[0] + "/no-such-run"
     r = cli("ls", missing, *flags)
