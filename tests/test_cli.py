@@ -113,8 +113,8 @@ def test_ls_shows_leftovers_and_damage(run: tuple[str, dict[str, Any]]) -> None:
     r = cli("ls", url)
     assert r.returncode == 1  # a checkpoint is damaged
     rows = table(r.stdout)
-    assert "temporary:" in " ".join(rows[".tmp-step_0000000500-0123abcd"])
-    assert "uncommitted:" in " ".join(rows["step_0000000600"])
+    assert "temporary: .tmp-step_0000000500-0123abcd" in " ".join(rows["500"])
+    assert "uncommitted: step_0000000600 has no manifest" in " ".join(rows["600"])
     assert "DAMAGED:" in " ".join(rows["200"]) and "5 bytes" in " ".join(rows["200"])
     assert rows["100"][-2] == "committed"
 

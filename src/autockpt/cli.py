@@ -241,6 +241,11 @@ def _sizes_ok(storage: Storage, step: int, manifest: dict[str, Any]) -> str | No
 # ------------------------------------------------------------------------------------------------ ls
 
 
+def _leftover_step(name: str) -> str:
+    found = re.search(r"step_(\d+)", name)
+    return str(int(found.group(1))) if found else "?"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     storage = _open_storage(args)
     listing = storage.scan()
@@ -272,10 +277,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append([str(step), _fmt_time(m.get("created")), format_bytes(_payload_size(m)),
                      _fmt_metrics(m.get("metrics")), status, kept])
     for name in sorted(listing.uncommitted):
-        rows.append([name, "-", "-", "-", "uncommitted: no manifest (an interrupted save)", "-"])
+        rows.append([_leftover_step(name), "-", "-", "-", f"uncommitted: {name} has no manifest (an interrupted save)",
+                     "-"])
     for name in sorted(listing.temporary):
         kind = "being deleted" if name.startswith(".tmp-del-") else "an interrupted save, or one in progress"
-        rows.append([name, "-", "-", "-", f"temporary: {kind}", "-"])
+        rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-"])
     if len(rows) == 1:
         print(f"no checkpoints in {storage.url}")
         return EXIT_OK
