@@ -1,0 +1,779 @@
+"""``autockpt``: look at, verify, prune, export and import checkpoints from the command line.
+
+```
+autockpt ls URL                      every checkpoint: step, time, size, metrics, status, why it is kept
+autockpt show URL [--step N]         one manifest in human form: state tree, tensors, metadata
+autockpt verify URL [--step N|--all] sizes and checksums; exit status 0 only if all verify
+autockpt prune URL --max-to-keep K   apply a retention policy offline (--dry-run deletes nothing)
+autockpt export URL --to FILE        a plain state dict: .safetensors or .pt (tensors only)
+autockpt import FILE --to URL --step N   a safetensors / torch / Lightning / Keras file as a checkpoint
+```
+
+Every URL is an fsspec URL; options for its filesystem come from ``--storage-option KEY=VALUE`` (repeatable;
+a dotted key nests, e.g. ``client_kwargs.endpoint_url=http://...``; a value that parses as JSON is taken as
+JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}'``.
+
+Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
+directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from autockpt import __version__
+from autockpt.errors import (
+    AutockptError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
+from autockpt.manager import open_checkpoint, read_manifest
+from autockpt.progress import format_bytes
+from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
+from autockpt.storage import Storage, step_dirname
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+
+_PROG = "autockpt"
+
+
+class CliError(Exception):
+    """A problem to report in one line, with an exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def storage_options_from(pairs: Sequence[str], json_text: str | None) -> dict[str, Any]:
+    """Build fsspec storage options from ``KEY=VALUE`` pairs (dotted keys nest) and an optional JSON object."""
+    opts: dict[str, Any] = {}
+    if json_text:
+        try:
+            loaded = json.loads(json_text)
+        except ValueError as e:
+            raise CliError(
+                f"--storage-options is not valid JSON ({e}); give an object like '{{\"anon\": true}}'"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise CliError("--storage-options must be a JSON object, like '{\"anon\": true}'")
+        opts.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise CliError(f"--storage-option {pair!r} is not KEY=VALUE; e.g. --storage-option anon=true")
+        node = opts
+        *parents, leaf = key.split(".")
+        for p in parents:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise CliError(f"--storage-option {pair!r}: {p!r} already has a non-object value")
+            node = child
+        node[leaf] = _parse_value(value)
+    return opts
+
+
+def _keep_best(text: str) -> KeepBest:
+    """``METRIC[:min|max[:K]]`` -> KeepBest."""
+    parts = text.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METRIC[:min|max[:K]], e.g. val_loss:min:2")
+    mode = parts[1] if len(parts) > 1 else "min"
+    try:
+        k = int(parts[2]) if len(parts) > 2 else 1
+        return KeepBest(parts[0], mode, k)  # type: ignore[arg-type]
+    except (ValueError, InvalidArgumentError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return v
+
+
+def _step(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step (an integer >= 0)")
+    return v
+
+
+def _hours(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of hours")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _open_storage(args: argparse.Namespace, url: str | None = None) -> Storage:
+    """The checkpoint directory named on the command line; CliError if it does not exist."""
+    url = url if url is not None else args.url
+    opts = storage_options_from(args.storage_option, args.storage_options)
+    try:
+        storage = Storage(url, opts)
+    except (ValueError, ImportError, TypeError) as e:
+        raise CliError(f"cannot open {url!r}: {e}") from None
+    if storage.atomic_rename:
+        exists = os.path.isdir(storage.root)
+    else:
+        storage.fs.invalidate_cache(storage.root)
+        exists = storage.fs.isdir(storage.root)
+    if not exists:
+        raise CliError(f"no checkpoint directory at {url}: it does not exist. Check the path or URL "
+                       "(and --storage-option for credentials or an endpoint).")
+    return storage
+
+
+def _committed(storage: Storage) -> list[int]:
+    steps = sorted(storage.scan().committed)
+    if not steps:
+        raise CliError(f"no committed checkpoints in {storage.url} (run `{_PROG} ls {storage.url}` to see what "
+                       "is there)")
+    return steps
+
+
+def _pick_step(storage: Storage, step: int | None) -> int:
+    steps = _committed(storage)
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        shown = ", ".join(map(str, steps[-10:]))
+        raise CliError(f"no committed checkpoint at step {step} in {storage.url}; steps there: {shown}")
+    return step
+
+
+def _fmt_time(t: Any) -> str:
+    if not isinstance(t, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _fmt_metrics(metrics: Any) -> str:
+    if not isinstance(metrics, dict) or not metrics:
+        return "-"
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _payload_size(manifest: dict[str, Any]) -> int:
+    return sum(int(f["size"]) for f in manifest["files"].values())
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(out)
+
+
+def _policy(args: argparse.Namespace) -> RetentionPolicy:
+    try:
+        return RetentionPolicy(args.max_to_keep, args.keep_every_n_hours, args.keep_best)
+    except InvalidArgumentError as e:
+        raise CliError(str(e)) from None
+
+
+def _infos(storage: Storage, steps: Sequence[int]) -> tuple[list[CheckpointInfo], dict[int, Any]]:
+    """Retention info of each step whose manifest reads, and step -> manifest or the error reading it."""
+    infos: list[CheckpointInfo] = []
+    manifests: dict[int, Any] = {}
+    for step in steps:
+        try:
+            m = read_manifest(storage, step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            manifests[step] = e
+            continue
+        manifests[step] = m
+        metrics = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))}
+        infos.append(CheckpointInfo(step, float(m["created"]), float(m.get("run_start", m["created"])), metrics))
+    return infos, manifests
+
+
+def _sizes_ok(storage: Storage, step: int, manifest: dict[str, Any]) -> str | None:
+    """None if every payload file has its recorded size, else what is wrong."""
+    for fname, info in manifest["files"].items():
+        path = storage.path(step_dirname(step), fname)
+        try:
+            size = os.path.getsize(path) if storage.atomic_rename else storage.fs.size(path)
+        except FileNotFoundError:
+            return f"{fname} is missing"
+        if size != info["size"]:
+            return f"{fname} has {size} bytes, the manifest says {info['size']}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ ls
+
+
+def _leftover_step(name: str) -> str:
+    found = re.search(r"step_(\d+)", name)
+    return str(int(found.group(1))) if found else "?"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage = _open_storage(args)
+    listing = storage.scan()
+    steps = sorted(listing.committed)
+    infos, manifests = _infos(storage, steps)
+    explicit = args.max_to_keep is not None or args.keep_every_n_hours is not None or args.keep_best is not None
+    if args.max_to_keep is None:
+        args.max_to_keep = 1
+    reasons = _policy(args).reasons(infos)
+    rows = [["STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS", "KEPT"]]
+    bad = False
+    for step in steps:
+        m = manifests[step]
+        if isinstance(m, Exception):
+            rows.append([str(step), "?", "?", "-", f"DAMAGED: {m}", "-"])
+            bad = True
+            continue
+        if args.verify:
+            try:
+                open_checkpoint(storage, step, m)
+                status = "verified"
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                status, bad = f"DAMAGED: {e}", True
+        else:
+            problem = _sizes_ok(storage, step, m)
+            status = "committed" if problem is None else f"DAMAGED: {problem}"
+            bad = bad or problem is not None
+        kept = ",".join(reasons.get(step, [])) or ("prunable" if explicit else "-")
+        rows.append([str(step), _fmt_time(m.get("created")), format_bytes(_payload_size(m)),
+                     _fmt_metrics(m.get("metrics")), status, kept])
+    for name in sorted(listing.uncommitted):
+        rows.append([_leftover_step(name), "-", "-", "-", f"uncommitted: {name} has no manifest (an interrupted save)",
+                     "-"])
+    for name in sorted(listing.temporary):
+        kind = "being deleted" if name.startswith(".tmp-del-") else "an interrupted save, or one in progress"
+        rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-"])
+    if len(rows) == 1:
+        print(f"no checkpoints in {storage.url}")
+        return EXIT_OK
+    print(_table(rows))
+    return EXIT_DAMAGED if bad else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ show
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _tensor_line(manifest: dict[str, Any], name: str) -> str:
+    t = manifest["tensors"].get(name)
+    if not isinstance(t, dict):
+        return f"tensor {name!r} (not listed in the manifest!)"
+    b, e = t.get("offsets", [0, 0])
+    return f"tensor {t.get('dtype')} {_shape_str(t.get('shape', []))} {format_bytes(e - b)}  ({name})"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_tuple_node(node: Any) -> bool:
+    return isinstance(node, dict) and node.get("type") == "tuple" and isinstance(node.get("items"), list)
+
+
+def _is_scalar_node(node: Any) -> bool:
+    return node is None or isinstance(node, (bool, int, float, str)) or (
+        isinstance(node, dict) and node.get("type") == "float"
+    )
+
+
+def _scalar(node: Any) -> Any:
+    return node.get("value") if isinstance(node, dict) else node
+
+
+def _tree_lines(node: Any, manifest: dict[str, Any], indent: int) -> Iterator[str]:
+    """Lines ``key: description`` for the children of a tagged manifest node (a dict/list/tuple)."""
+    pad = "  " * indent
+
+    def child(key: str, value: Any) -> Iterator[str]:
+        seq = value if isinstance(value, list) else value.get("items") if _is_tuple_node(value) else None
+        if isinstance(seq, list) and seq and all(_is_scalar_node(v) for v in seq):
+            seq_kind = "list" if isinstance(value, list) else "tuple"
+            yield f"{pad}{key}: {seq_kind}[{len(seq)}] {_short([_scalar(v) for v in seq], 60)}"
+        elif isinstance(value, list):
+            yield f"{pad}{key}: list[{len(value)}]"
+            yield from _tree_lines(value, manifest, indent + 1)
+        elif isinstance(value, dict):
+            kind = value.get("type")
+            if kind == "tensor":
+                yield f"{pad}{key}: {_tensor_line(manifest, str(value.get('name')))}"
+            elif kind == "dict":
+                n = len(value.get("items") or value.get("pairs") or [])
+                yield f"{pad}{key}: dict[{n}]"
+                yield from _tree_lines(value, manifest, indent + 1)
+            elif kind == "tuple":
+                yield f"{pad}{key}: tuple[{len(value.get('items', []))}]"
+                yield from _tree_lines(value, manifest, indent + 1)
+            elif kind == "stateful":
+                yield f"{pad}{key}: {value.get('class')} (state_dict)"
+                inner = value.get("state")
+                if isinstance(inner, (dict, list)):
+                    yield from _tree_lines(inner, manifest, indent + 1)
+            elif kind == "bytes":
+                yield f"{pad}{key}: bytes ({len(value.get('b64', '')) * 3 // 4} B)"
+            elif kind == "float":
+                yield f"{pad}{key}: {value.get('value')}"
+            else:
+                yield f"{pad}{key}: ? {_short(value)}"
+        else:
+            yield f"{pad}{key}: {_short(value)}"
+
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from child(f"[{i}]", v)
+    elif isinstance(node, dict) and node.get("type") == "dict" and isinstance(node.get("items"), dict):
+        for k, v in node["items"].items():
+            yield from child(str(k), v)
+    elif isinstance(node, dict) and node.get("type") == "dict":
+        for pair in node.get("pairs", []):
+            k, v = pair
+            yield from child(_short(k), v)
+    elif isinstance(node, dict) and node.get("type") == "tuple":
+        for i, v in enumerate(node.get("items", [])):
+            yield from child(f"({i})", v)
+    elif isinstance(node, dict) and node.get("type") == "stateful":
+        yield from _tree_lines(node.get("state"), manifest, indent)
+    elif isinstance(node, dict):  # the top-level state: a plain mapping of names to nodes
+        for k, v in node.items():
+            yield from child(str(k), v)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    storage = _open_storage(args)
+    step = _pick_step(storage, args.step)
+    m = read_manifest(storage, step)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return EXIT_OK
+    ntensors = len(m["tensors"])
+    print(f"checkpoint   {storage.path(step_dirname(step))}")
+    print(f"step         {step}")
+    print(f"created      {_fmt_time(m.get('created'))} UTC")
+    print(f"run started  {_fmt_time(m.get('run_start'))} UTC")
+    print(f"format       autockpt v{m.get('format_version')}")
+    print(f"size         {format_bytes(_payload_size(m))} in {len(m['files'])} file(s), {ntensors} tensor(s)")
+    print(f"metrics      {_fmt_metrics(m.get('metrics'))}")
+    print(f"metadata     {_short(m.get('metadata', {}), 200)}")
+    versions = m.get("versions", {})
+    print("versions     " + (" ".join(f"{k}={v}" for k, v in versions.items()) if isinstance(versions, dict) else "?"))
+    print("files")
+    for fname, info in m["files"].items():
+        print(f"  {fname}  {info['size']} B  xxh3_64={info.get('xxh3_64')}")
+    print("state")
+    for line in _tree_lines(m["state"], m, 1):
+        print(line)
+    print("(manifest only; run `autockpt verify` to check the files' checksums)")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage = _open_storage(args)
+    if args.all:
+        steps = _committed(storage)
+    else:
+        steps = [_pick_step(storage, args.step)]
+    failed = 0
+    for step in steps:
+        t0 = time.perf_counter()
+        try:
+            ckpt = open_checkpoint(storage, step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            failed += 1
+            print(f"step {step}: FAILED: {e}")
+            continue
+        size = _payload_size(ckpt.manifest)
+        print(f"step {step}: ok ({format_bytes(size)}, {len(ckpt.manifest['files'])} file(s), "
+              f"{len(ckpt.manifest['tensors'])} tensor(s), {time.perf_counter() - t0:.2f} s)")
+    if failed:
+        print(f"{failed} of {len(steps)} checkpoint(s) failed verification", file=sys.stderr)
+        return EXIT_DAMAGED
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ prune
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    storage = _open_storage(args)
+    policy = _policy(args)
+    steps = sorted(storage.scan().committed)
+    infos, manifests = _infos(storage, steps)
+    reasons = policy.reasons(infos)
+    verb = "would delete" if args.dry_run else "deleted"
+    deleted = 0
+    for step in steps:
+        if isinstance(manifests[step], Exception):
+            print(f"step {step}: left alone, its manifest does not read: {manifests[step]}")
+        elif step in reasons:
+            print(f"step {step}: kept ({', '.join(reasons[step])})")
+        else:
+            if not args.dry_run:
+                storage.delete(step)
+            deleted += 1
+            print(f"step {step}: {verb}")
+    print(f"{verb} {deleted} of {len(steps)} checkpoint(s)" + (" (dry run: nothing was deleted)" if args.dry_run
+                                                              else ""))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _is_array(value: Any) -> bool:
+    import numpy as np
+
+    from autockpt.format import is_torch_tensor
+
+    return isinstance(value, (np.ndarray, np.generic)) or is_torch_tensor(value)
+
+
+def flatten_tensors(tree: Any, prefix: str = "") -> tuple[dict[str, Any], int]:
+    """Tensors of a decoded state tree under dotted names (``0.weight``), and how many other leaves it had."""
+    out: dict[str, Any] = {}
+    dropped = 0
+
+    def walk(node: Any, name: str) -> None:
+        nonlocal dropped
+        if _is_array(node):
+            if name in out:
+                raise CliError(f"two tensors would both be exported as {name!r}; pick a sub-tree with --key")
+            out[name or "tensor"] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}" if name else str(i))
+        else:
+            dropped += 1
+
+    walk(tree, prefix)
+    return out, dropped
+
+
+def _select(state: dict[str, Any], key: str | None) -> Any:
+    if key is None:
+        return state
+    node: Any = state
+    for part in key.split("/"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            have = ", ".join(map(str, node)) if isinstance(node, dict) else type(node).__name__
+            raise CliError(f"--key {key!r}: no {part!r} in the checkpoint's state (it has: {have})")
+    return node
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    dest: str = args.to
+    if dest.endswith(".safetensors"):
+        kind = "safetensors"
+    elif dest.endswith((".pt", ".pth")):
+        kind = "pt"
+    else:
+        raise CliError(f"--to {dest!r}: the file name must end in .safetensors, .pt or .pth")
+    storage = _open_storage(args)
+    step = _pick_step(storage, args.step)
+    ckpt = open_checkpoint(storage, step)  # verifies sizes and checksums before anything is written
+    tensors, dropped = flatten_tensors(_select(ckpt.state(), args.key))
+    if not tensors:
+        raise CliError(f"step {step}{' key ' + repr(args.key) if args.key else ''} holds no tensors to export")
+    import importlib
+
+    import numpy as np
+
+    torch: Any
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        torch = None
+    if kind == "pt" and torch is None:
+        raise CliError("exporting to .pt needs torch; install it, or export to .safetensors")
+    if torch is not None:
+        out = {n: (torch.from_numpy(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v)
+               for n, v in tensors.items()}
+        if kind == "pt":
+            torch.save(out, dest)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({n: t.contiguous() for n, t in out.items()}, dest, metadata={"autockpt_step": str(step)})
+    else:
+        from safetensors.numpy import save_file as np_save_file
+
+        np_save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()}, dest,
+                     metadata={"autockpt_step": str(step)})
+    if dropped:
+        print(f"note: {dropped} non-tensor value(s) were left out of {dest}; "
+              f"`{_PROG} show` lists them", file=sys.stderr)
+    total = sum(int(getattr(v, "nbytes", 0)) for v in tensors.values())
+    print(f"exported {len(tensors)} tensor(s), {format_bytes(total)}, from step {step} to {dest}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+
+def _torch_load(path: str, trust_pickle: bool) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if found:
+                raise CliError(
+                    f"{path} holds Python objects such as {found.group(1)} beyond tensors and plain values, so "
+                    "torch.load(weights_only=True) refused it. Loading it runs pickle, which can execute arbitrary "
+                    "code: only if you trust where the file came from, run again with --trust-pickle."
+                ) from None
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+            raise CliError(
+                f"cannot read {path} safely: torch.load(weights_only=True) failed "
+                f"({detail[0] if detail else type(e).__name__}). If it is a torch.save file from a source you "
+                "trust, --trust-pickle reads it with pickle (which can execute arbitrary code)."
+            ) from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_h5(path: str) -> dict[str, Any]:
+    try:
+        import h5py
+    except ImportError:
+        raise CliError("importing a Keras .weights.h5 file needs h5py: pip install h5py") from None
+    import numpy as np
+
+    out: dict[str, Any] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = np.asarray(obj[()])
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return out
+
+
+def _is_lightning(obj: Any) -> bool:
+    return isinstance(obj, dict) and "state_dict" in obj and any(
+        k in obj for k in ("pytorch-lightning_version", "lightning_version", "global_step", "epoch")
+    )
+
+
+def read_foreign(src: str, trust_pickle: bool) -> tuple[dict[str, Any], str]:
+    """The state to save for a foreign checkpoint file, and what kind of file it was."""
+    if src.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file as torch_load_file
+
+            loaded: dict[str, Any] = dict(torch_load_file(src))
+        except ImportError:
+            from safetensors.numpy import load_file as numpy_load_file
+
+            loaded = dict(numpy_load_file(src))
+        return {"model": loaded}, "safetensors"
+    if src.endswith(".weights.h5"):
+        return {"model": _read_h5(src)}, "keras.weights.h5"
+    if src.endswith((".pt", ".pth", ".ckpt", ".bin")):
+        obj = _torch_load(src, trust_pickle)
+        if _is_lightning(obj):
+            return {"lightning": obj}, "lightning.ckpt"
+        if isinstance(obj, dict):
+            return {"model": obj}, "torch.state_dict"
+        raise CliError(f"{src} holds a {type(obj).__module__}.{type(obj).__qualname__}, not a state dict; "
+                       "save model.state_dict() instead of the model")
+    raise CliError(f"{src!r}: unknown kind of file; autockpt imports .safetensors, .pt/.pth/.bin (torch.save), "
+                   ".ckpt (Lightning) and .weights.h5 (Keras)")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    src: str = args.file
+    if not os.path.isfile(src):
+        raise CliError(f"no file {src!r} to import; give the path of a .safetensors, .pt, .ckpt or .weights.h5 file")
+    try:
+        state, kind = read_foreign(src, args.trust_pickle)
+    except CliError:
+        raise
+    except Exception as e:  # a damaged or foreign file: whatever the reading library raised
+        raise CliError(f"cannot read {src}: {type(e).__name__}: {e}") from None
+    metadata: dict[str, Any] = {"imported_from": os.path.basename(src), "imported_format": kind}
+    from autockpt.manager import CheckpointManager
+
+    opts = storage_options_from(args.storage_option, args.storage_options)
+    storage = Storage(args.to, opts)
+    if args.step in storage.scan().committed:
+        raise CliError(f"{args.to} already has a checkpoint at step {args.step}; pick another --step "
+                       f"(or delete it first)")
+    with CheckpointManager(args.to, max_to_keep=None, storage_options=opts) as mgr:
+        mgr.save(args.step, state, metadata=metadata, force=True)
+    manifest = read_manifest(storage, args.step)
+    print(f"imported {src} ({metadata['imported_format']}) as step {args.step} in {args.to}: "
+          f"{len(manifest['tensors'])} tensor(s), {format_bytes(_payload_size(manifest))}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``autockpt`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an fsspec storage option (repeatable); a dotted key nests "
+                             "(client_kwargs.endpoint_url=http://...); a JSON value is parsed (anon=true)")
+    common.add_argument("--storage-options", metavar="JSON", default=None,
+                        help="fsspec storage options as one JSON object (merged under --storage-option)")
+
+    retention = argparse.ArgumentParser(add_help=False)
+    retention.add_argument("--keep-every-n-hours", type=_hours, default=None, metavar="H",
+                           help="also keep the first checkpoint of every H-hour window of the run")
+    retention.add_argument("--keep-best", type=_keep_best, default=None, metavar="METRIC[:min|max[:K]]",
+                           help="also keep the K best checkpoints by METRIC (default mode min, K 1)")
+
+    p = argparse.ArgumentParser(prog=_PROG, description="Look at, verify, prune, export and import autockpt "
+                                "checkpoints. Exit status: 0 ok, 1 a checkpoint failed verification, 2 a bad "
+                                "argument or something missing.")
+    p.add_argument("--version", action="version", version=f"autockpt {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what autockpt does (INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ls", parents=[common, retention], help="list checkpoints",
+                       description="List every checkpoint: step, time, size, metrics, status and why a "
+                                   "retention policy keeps it. Without retention options only the newest is marked "
+                                   "'newest'; pass the run's options to see what its manager would keep. Status "
+                                   "checks file sizes; --verify also checks checksums. Exit 1 if one is damaged.")
+    s.add_argument("url", help="the checkpoint directory (a path or fsspec URL)")
+    s.add_argument("--max-to-keep", type=_positive_int, default=None, metavar="K",
+                   help="the K newest are marked 'newest' (default 1); with any retention option, the "
+                        "checkpoints the policy would delete are marked 'prunable'")
+    s.add_argument("--verify", action="store_true", help="read every checkpoint and check its checksums")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("show", parents=[common], help="one checkpoint's manifest in human form")
+    s.add_argument("url")
+    s.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
+    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("verify", parents=[common], help="check sizes and checksums (exit 0 only if all verify)")
+    s.add_argument("url")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
+    g.add_argument("--all", action="store_true", help="every committed checkpoint")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("prune", parents=[common, retention], help="apply a retention policy offline",
+                       description="Delete the committed checkpoints a retention policy would not keep. "
+                                   "Checkpoints whose manifest does not read, leftovers of interrupted saves and "
+                                   "anything autockpt did not write are left alone. Do not run it beside a job "
+                                   "that saves into the same directory with a different policy.")
+    s.add_argument("url")
+    s.add_argument("--max-to-keep", type=_positive_int, required=True, metavar="K", help="keep the K newest")
+    s.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("export", parents=[common], help="write a plain state dict (.safetensors or .pt)",
+                       description="Write the tensors of a checkpoint (verified first) to a .safetensors file or a "
+                                   ".pt file of tensors only (loadable with torch.load(weights_only=True)). Names "
+                                   "are the key paths joined with '.', under --key if given. Non-tensor values are "
+                                   "left out, with a note.")
+    s.add_argument("url")
+    s.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
+    s.add_argument("--to", required=True, metavar="FILE", help="model.safetensors or model.pt")
+    s.add_argument("--key", default=None, help="export only this sub-tree, e.g. model (nested: model/encoder)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", parents=[common], help="bring in a safetensors/torch/Lightning/Keras file",
+                       description="Save a .safetensors file, a torch.save state dict (.pt/.pth/.bin), a "
+                                   "Lightning .ckpt or a Keras .weights.h5 file as the checkpoint of --step. A "
+                                   "state dict becomes {'model': ...}, a Lightning checkpoint {'lightning': ...}. "
+                                   "Torch files are read with weights_only=True; one that needs pickle is read only "
+                                   "with --trust-pickle.")
+    s.add_argument("file")
+    s.add_argument("--to", required=True, metavar="URL", help="the checkpoint directory to write into")
+    s.add_argument("--step", type=_step, required=True)
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a .pt/.ckpt file (runs code from the file: only for files you trust)")
+    s.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``autockpt`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as e:
+        print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
+        return e.code
+    except CorruptCheckpointError as e:
+        print(f"{_PROG} {args.command}: checkpoint damaged: {e}", file=sys.stderr)
+        return EXIT_DAMAGED
+    except BrokenPipeError:  # `autockpt show URL | head`: the reader went away; that is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (AutockptError, OSError) as e:
+        print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
