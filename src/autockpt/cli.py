@@ -37,8 +37,8 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
-from autockpt.manager import open_checkpoint, read_manifest
 from autockpt.progress import format_bytes
+from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
 from autockpt.storage import Storage, step_dirname
 
@@ -265,7 +265,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             continue
         if args.verify:
             try:
-                open_checkpoint(storage, step, m)
+                open_checkpoint(storage, step, m).close()
                 status = "verified"
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 status, bad = f"DAMAGED: {e}", True
@@ -427,6 +427,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"step {step}: FAILED: {e}")
             continue
         size = _payload_size(ckpt.manifest)
+        ckpt.close()
         print(f"step {step}: ok ({format_bytes(size)}, {len(ckpt.manifest['files'])} file(s), "
               f"{len(ckpt.manifest['tensors'])} tensor(s), {time.perf_counter() - t0:.2f} s)")
     if failed:
@@ -521,8 +522,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(f"--to {dest!r}: the file name must end in .safetensors, .pt or .pth")
     storage = _open_storage(args)
     step = _pick_step(storage, args.step)
-    ckpt = open_checkpoint(storage, step)  # verifies sizes and checksums before anything is written
-    tensors, dropped = flatten_tensors(_select(ckpt.state(), args.key))
+    with open_checkpoint(storage, step) as ckpt:  # verifies sizes and checksums before anything is written
+        tensors, dropped = flatten_tensors(_select(ckpt.state(), args.key))
     if not tensors:
         raise CliError(f"step {step}{' key ' + repr(args.key) if args.key else ''} holds no tensors to export")
     import importlib
