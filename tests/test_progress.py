@@ -114,3 +114,37 @@ def test_format_bytes() -> None:
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * MiB) == "3.0 MiB"
     assert format_bytes(5 * 2**40) == "5.0 TiB"
+
+
+def test_manager_shows_progress_when_asked_and_logs_one_line_always(
+    terminal: tuple[TextIO, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import numpy as np
+
+    import autockpt
+
+    stream, master = terminal
+    monkeypatch.setattr("sys.stderr", stream)
+    state = {"w": np.ones(80 * MiB // 4, np.float32)}  # 80 MiB: above the 64 MiB threshold
+    with caplog.at_level(logging.INFO, logger="autockpt"):
+        with autockpt.CheckpointManager(tmp_path / "a", progress=True) as mgr:
+            mgr.save(1, state)
+            mgr.restore({"w": np.zeros_like(state["w"])})
+    drawn = drain(master)
+    assert "autockpt: saving step 1: 80.0 MiB / 80.0 MiB (100%)" in drawn
+    assert "autockpt: restoring step 1: 80.0 MiB / 80.0 MiB (100%)" in drawn
+    summaries = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("autockpt: saved step 1") and "MB/s" in m for m in summaries)
+    assert any(m.startswith("autockpt: restored step 1") and "MB/s" in m for m in summaries)
+    # without progress=True, and with the logger silenced, nothing at all is written
+    caplog.clear()
+    logging.getLogger("autockpt").disabled = True
+    try:
+        with autockpt.CheckpointManager(tmp_path / "b") as mgr:
+            mgr.save(1, state)
+            mgr.restore({"w": np.zeros_like(state["w"])})
+    finally:
+        logging.getLogger("autockpt").disabled = False
+    assert drain(master) == "" and caplog.records == []

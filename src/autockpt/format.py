@@ -291,8 +291,12 @@ def safetensors_header(entries: list[TensorEntry]) -> tuple[bytes, dict[str, lis
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
-def write_safetensors(f: BinaryIO, entries: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-    """Stream ``entries`` into ``f`` as a safetensors file; returns (size, xxh3-64 hex, offsets)."""
+def write_safetensors(
+    f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None
+) -> tuple[int, str, dict[str, list[int]]]:
+    """Stream ``entries`` into ``f`` as a safetensors file; returns (size, xxh3-64 hex, offsets).
+
+    ``on_bytes(n)`` is told of every chunk written (for progress reporting)."""
     header, offsets = safetensors_header(entries)
     h = xxhash.xxh3_64()
     f.write(header)
@@ -306,6 +310,8 @@ def write_safetensors(f: BinaryIO, entries: list[TensorEntry]) -> tuple[int, str
             chunk = data[i : i + _CHUNK]
             f.write(chunk)
             h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
         size += len(data)
     return size, h.hexdigest(), offsets
 

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +34,7 @@ from autockpt.format import (
     write_safetensors,
 )
 from autockpt.lease import WriterLease
+from autockpt.progress import ProgressReporter
 from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
 from autockpt.storage import CheckpointWriter, Storage, step_dirname
@@ -67,6 +68,9 @@ class CheckpointManager:
         max_consecutive_failures: a save that fails (disk full, storage unreachable after retries) logs a
             warning, removes its partial files and returns False, so training goes on; the N-th failure in a
             row raises ``SaveError``. ``1`` raises at the first failure.
+        progress: show bytes and rate on the terminal while large checkpoints (64 MiB and more) are saved
+            and restored. Either way one summary line per save and restore is logged to the "autockpt"
+            logger at INFO level.
 
     Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
     heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
@@ -99,6 +103,7 @@ class CheckpointManager:
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         max_consecutive_failures: int = 3,
+        progress: bool = False,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
@@ -110,6 +115,9 @@ class CheckpointManager:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
         _check_interval("max_consecutive_failures", max_consecutive_failures, int)
+        if not isinstance(progress, bool):
+            raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
+        self.progress = progress
         self.max_consecutive_failures = max_consecutive_failures
         self._failures = 0
         self.save_interval_steps = save_interval_steps
@@ -284,9 +292,11 @@ class CheckpointManager:
         run_start: float,
     ) -> None:
         t0 = time.perf_counter()
+        total = sum(e.nbytes for e in entries)
         try:
-            with self.storage.writer(step) as w:
-                files, tensors = write_payload(w, entries, self.shard_bytes)
+            with self.storage.writer(step) as w, \
+                    ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
+                files, tensors = write_payload(w, entries, self.shard_bytes, on_bytes=bar.update)
                 manifest = new_manifest(step, tree, tensors, files, metrics, metadata, run_start)
                 w.commit(dump_manifest(manifest))
         except UnsupportedValueError:
@@ -420,10 +430,11 @@ class CheckpointManager:
                 log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
                             step_dirname(s), e)
                 continue
-            with ckpt:
-                state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
-                state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
             size = sum(f["size"] for f in ckpt.manifest["files"].values())
+            with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
+                state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
+                ckpt.on_bytes = bar.update
+                state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
             secs = time.perf_counter() - t0
             log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
                      size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
@@ -452,7 +463,11 @@ def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEnt
 
 
 def write_payload(
-    writer: CheckpointWriter, entries: list[TensorEntry], shard_bytes: int, prefix: str = "tensors"
+    writer: CheckpointWriter,
+    entries: list[TensorEntry],
+    shard_bytes: int,
+    prefix: str = "tensors",
+    on_bytes: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Write tensors into one or more safetensors files, in parallel; returns (files, tensors) manifest parts."""
     groups = _shards(entries, shard_bytes)
@@ -461,7 +476,7 @@ def write_payload(
     ]
 
     def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-        return writer.write_file(name, lambda f: write_safetensors(f, group))
+        return writer.write_file(name, lambda f: write_safetensors(f, group, on_bytes))
 
     if len(groups) == 1:
         results = [write_one(names[0], groups[0])]

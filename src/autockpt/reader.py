@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -119,6 +119,7 @@ class Checkpoint:
     step: int
     manifest: dict[str, Any]
     files: dict[str, tuple[PayloadFile, int]] = field(default_factory=dict)  # name -> (file, data start)
+    on_bytes: Callable[[int], None] | None = None  # told of the bytes of every tensor read (progress)
 
     @property
     def metas(self) -> dict[str, Any]:
@@ -145,6 +146,8 @@ class Checkpoint:
             out = like.detach() if inplace else torch.empty(shape, dtype=tdtype)
             if e > b:
                 f.read_into(start + b, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+                if self.on_bytes is not None:
+                    self.on_bytes(e - b)
             return like if inplace else out
         np_dtype = _ST_DTYPES[dtype][0]
         if np_dtype is None:
@@ -157,6 +160,8 @@ class Checkpoint:
         arr = cast(Any, arr)
         if e > b:
             f.read_into(start + b, memoryview(arr.reshape(-1).view(np.uint8)))
+            if self.on_bytes is not None:
+                self.on_bytes(e - b)
         return arr[()] if framework == "numpy_scalar" else arr
 
     def state(self) -> dict[str, Any]:
