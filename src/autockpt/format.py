@@ -20,7 +20,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -35,6 +35,8 @@ CHECKSUM = "xxh3_64"
 MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library itself applies
 _CHUNK = 64 * 2**20
+_SMALL = 1 * 2**20  # tensors below this size are written in batches ...
+_BATCH = 8 * 2**20  # ... of about this size
 
 # safetensors dtype code -> (numpy dtype or None, item size)
 _ST_DTYPES: dict[str, tuple[Any, int]] = {
@@ -96,15 +98,22 @@ def is_stateful(value: Any) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
 
+_DTYPE_CODES: dict[Any, str] = {}  # dtype object -> safetensors code, filled as dtypes are met
+
+
 def tensor_dtype_code(value: Any) -> str:
     """The safetensors dtype code of a torch tensor or numpy array; raises for unsupported dtypes."""
+    dtype = value.dtype
+    code = _DTYPE_CODES.get(dtype)
+    if code is not None:
+        return code
     if is_torch_tensor(value):
-        name = str(value.dtype).removeprefix("torch.")
-        code = _TORCH_ST.get(name)
+        code = _TORCH_ST.get(str(dtype).removeprefix("torch."))
     else:
-        code = _NP_TO_ST.get(np.asarray(value).dtype.str)
+        code = _NP_TO_ST.get(np.dtype(dtype).str)
     if code is None:
-        raise UnsupportedValueError(f"tensor dtype {value.dtype} cannot be stored in safetensors")
+        raise UnsupportedValueError(f"tensor dtype {dtype} cannot be stored in safetensors")
+    _DTYPE_CODES[dtype] = code
     return code
 
 
@@ -115,17 +124,34 @@ def tensor_shape(value: Any) -> list[int]:
 def tensor_bytes(value: Any) -> memoryview:
     """A flat, contiguous, host-memory byte view of a tensor (copies only when it must)."""
     if is_torch_tensor(value):
+        torch = _torch()
         t = value.detach()
-        if t.layout != _torch().strided or t.is_quantized:
+        if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided and not t.is_quantized \
+                and not t.is_conj() and not t.is_neg():
+            if t.dtype in _NUMPY_VIEWABLE and t.numel():  # the fast path: no torch calls beyond numpy()
+                return memoryview(t.numpy()).cast("B") if t.dim() else memoryview(t.numpy().reshape(1)).cast("B")
+        elif t.layout != torch.strided or t.is_quantized:
             raise UnsupportedValueError(f"tensor layout {t.layout} (quantized={t.is_quantized}) is not supported")
-        if t.device.type != "cpu":
+        elif t.device.type != "cpu":
             t = t.cpu()
         t = t.resolve_conj().resolve_neg().contiguous()
         if t.numel() == 0:
             return memoryview(b"")
-        return memoryview(t.reshape(-1).view(_torch().uint8).numpy())
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
     arr: Any = np.ascontiguousarray(value)
     return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+class _Viewable:
+    """torch dtypes whose CPU tensors numpy() can view directly (resolved lazily: torch may not be loaded)."""
+
+    def __contains__(self, dtype: Any) -> bool:
+        name = str(dtype)
+        return name in ("torch.float64", "torch.float32", "torch.float16", "torch.int64", "torch.int32",
+                        "torch.int16", "torch.int8", "torch.uint8", "torch.bool", "torch.complex64")
+
+
+_NUMPY_VIEWABLE = _Viewable()
 
 
 # --------------------------------------------------------------------------------------------- tree encoding
@@ -141,9 +167,10 @@ class TensorEntry:
     dtype: str
     shape: list[int]
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * _ST_DTYPES[self.dtype][1]
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = math.prod(self.shape) * _ST_DTYPES[self.dtype][1]
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -299,13 +326,29 @@ def write_safetensors(
     ``on_bytes(n)`` is told of every chunk written (for progress reporting)."""
     header, offsets = safetensors_header(entries)
     h = xxhash.xxh3_64()
-    f.write(header)
-    h.update(header)
-    size = len(header)
+    pending = bytearray(header)  # small tensors are gathered into few large writes
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if pending:
+            f.write(pending)
+            h.update(pending)
+            size += len(pending)
+            if on_bytes is not None:
+                on_bytes(len(pending))
+            pending.clear()
+
     for entry in sorted(entries, key=lambda e: offsets[e.name][0]):
         data = tensor_bytes(entry.value)
         if len(data) != entry.nbytes:
             raise UnsupportedValueError(f"tensor {entry.name!r} changed shape while it was being saved")
+        if len(data) < _SMALL:
+            pending += data
+            if len(pending) >= _BATCH:
+                flush()
+            continue
+        flush()
         for i in range(0, len(data), _CHUNK):
             chunk = data[i : i + _CHUNK]
             f.write(chunk)
@@ -313,6 +356,7 @@ def write_safetensors(
             if on_bytes is not None:
                 on_bytes(len(chunk))
         size += len(data)
+    flush()
     return size, h.hexdigest(), offsets
 
 

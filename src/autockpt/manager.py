@@ -21,7 +21,6 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     SaveError,
-    UnsupportedValueError,
 )
 from autockpt.format import (
     CHECKSUM,
@@ -37,7 +36,7 @@ from autockpt.lease import WriterLease
 from autockpt.progress import ProgressReporter
 from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import CheckpointWriter, Storage, step_dirname
+from autockpt.storage import CheckpointWriter, Storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 
@@ -296,12 +295,13 @@ class CheckpointManager:
         try:
             with self.storage.writer(step) as w, \
                     ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
-                files, tensors = write_payload(w, entries, self.shard_bytes, on_bytes=bar.update)
+                files, tensors = write_payload(w, entries, self.shard_bytes,
+                                               on_bytes=bar.update if bar.active else None)
                 manifest = new_manifest(step, tree, tensors, files, metrics, metadata, run_start)
                 w.commit(dump_manifest(manifest))
-        except UnsupportedValueError:
-            raise
         except Exception as e:
+            if not isinstance(e, (OSError, TimeoutError, ConnectionError)) and not transient(e):
+                raise  # a bug or a bad value, not a failure of the storage: never "warn and continue"
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SaveError(
                     f"no space left to save step {step} to {self.directory}: free space there or lower "

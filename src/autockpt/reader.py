@@ -33,7 +33,7 @@ from autockpt.format import (
 from autockpt.storage import Storage, retry, step_dirname
 
 log = logging.getLogger("autockpt")
-_CHUNK = 16 * 2**20
+_CHUNK = 4 * 2**20
 
 
 class PayloadFile:
