@@ -38,8 +38,8 @@ def _check(url: str, history: list[int]) -> None:
     expected = sorted(history)[-2:]
     assert set(expected) <= set(on_disk), f"lost a committed checkpoint: kept {on_disk}, expected {expected}"
     for step in on_disk:
-        ckpt = open_checkpoint(storage, step)  # raises if it does not verify
-        assert ckpt.state()["meta"]["step"] == step
+        with open_checkpoint(storage, step) as ckpt:  # raises if it does not verify
+            assert ckpt.state()["meta"]["step"] == step
     mgr = autockpt.CheckpointManager(url)  # a new process would do exactly this
     if history:
         assert mgr.latest_step == max(history)

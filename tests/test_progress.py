@@ -32,7 +32,9 @@ def terminal() -> Iterator[tuple[TextIO, int]]:
 
 def drain(master: int) -> str:
     out = b""
-    while select.select([master], [], [], 0.2)[0]:
+    poller = select.poll()  # unlike select(), poll() takes descriptors above 1023
+    poller.register(master, select.POLLIN)
+    while poller.poll(200):
         chunk = os.read(master, 65536)
         if not chunk:
             break
