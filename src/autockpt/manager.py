@@ -10,11 +10,13 @@ import threading
 import time
 from collections.abc import Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from autockpt import state as state_mod
+from autockpt.distributed import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -26,7 +28,6 @@ from autockpt.format import (
     CHECKSUM,
     TensorEntry,
     TreeEncoder,
-    dump_manifest,
     is_torch_tensor,
     json_plain,
     new_manifest,
@@ -111,7 +112,11 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self.storage.cleanup(self.storage.scan())
+        # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
+        self._coord = coordinator_for(self.storage)
+        self._coord.setup(self.storage)
+        if self._coord.is_writer:
+            self.storage.cleanup(self.storage.scan())
 
     # ------------------------------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -133,6 +138,9 @@ class CheckpointManager:
             if size != info["size"]:
                 raise CorruptCheckpointError(f"{path} has {size} bytes, the manifest says {info['size']}")
 
+    def _check_files(self, step: int) -> None:
+        self._files_present(step, self._manifest(step))
+
     @property
     def latest_step(self) -> int | None:
         """The newest committed checkpoint whose manifest verifies and whose files have their recorded sizes.
@@ -140,9 +148,9 @@ class CheckpointManager:
         ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
         """
         self._join()
-        for step in sorted(self.storage.scan().committed, reverse=True):
+        for step in sorted(self._coord.same(self.storage.scan().committed), reverse=True):
             try:
-                self._files_present(step, self._manifest(step))
+                self._coord.run_on_all(self._check_files, step)
                 return step
             except CorruptCheckpointError as e:
                 log.warning("autockpt: checkpoint %s does not verify: %s", step_dirname(step), e)
@@ -182,25 +190,28 @@ class CheckpointManager:
         step = int(step)
         if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a mapping with str keys, e.g. {'model': model}")
-        if not force and not self.should_save(step):
+        if not self._coord.agree_to_save(step, force or self.should_save(step)):
             return False
         clean_metrics = self._clean_metrics(metrics)
         clean_metadata = json_plain(dict(metadata or {}), "metadata")
         self._join()
-        committed = self.storage.scan().committed
+        committed = self._coord.same(self.storage.scan().committed)
         if step in committed:
             try:
-                self._files_present(step, self._manifest(step))
+                self._check_files(step)
+                already = True
+            except CorruptCheckpointError:
+                already = False
+            if self._coord.same(already):
                 log.info("autockpt: step %d already has a committed checkpoint; not saving it again", step)
                 return False
-            except CorruptCheckpointError:
-                self._manifests.pop(step, None)  # damaged: write it again
+            self._manifests.pop(step, None)  # damaged: write it again
         encoder = TreeEncoder()
         tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}
-        entries = encoder.tensors
+        entries = self._coord.prepare(encoder.tensors)
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = [TensorEntry(e.name, self._stage(e), e.framework, e.dtype, e.shape) for e in entries]
+            entries = [replace(e, value=self._stage(e)) for e in entries]
             _sync_devices(entries)
             self._thread = threading.Thread(
                 target=self._write_in_background,
@@ -246,11 +257,12 @@ class CheckpointManager:
     ) -> None:
         t0 = time.perf_counter()
         try:
-            with self.storage.writer(step) as w:
-                files, tensors = write_payload(w, entries, self.shard_bytes)
-                manifest = new_manifest(step, tree, tensors, files, metrics, metadata, run_start)
-                w.commit(dump_manifest(manifest))
-        except UnsupportedValueError:
+            manifest = self._coord.write(
+                self.storage, step, entries, self.shard_bytes,
+                lambda files, tensors: new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+            )
+            files = manifest["files"]
+        except (UnsupportedValueError, SaveError):
             raise
         except Exception as e:
             raise SaveError(
@@ -261,7 +273,8 @@ class CheckpointManager:
         size = sum(f["size"] for f in files.values())
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-        self._prune(step)
+        if self._coord.is_writer:
+            self._prune(step)
 
     def _stage(self, entry: TensorEntry) -> Any:
         """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
@@ -349,7 +362,7 @@ class CheckpointManager:
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
         self._join()
-        committed = self.storage.scan().committed
+        committed = self._coord.same(self.storage.scan().committed)
         if step is not None:
             if step not in committed:
                 raise CheckpointNotFoundError(
@@ -361,7 +374,7 @@ class CheckpointManager:
         for s in steps:
             t0 = time.perf_counter()
             try:
-                ckpt = open_checkpoint(self.storage, s)
+                ckpt = self._coord.run_on_all(open_checkpoint, self.storage, s)
             except CorruptCheckpointError as e:
                 if step is not None:
                     raise
@@ -369,7 +382,7 @@ class CheckpointManager:
                             step_dirname(s), e)
                 continue
             with ckpt:
-                state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
+                self._coord.run_on_all(state_mod.check, state, ckpt.manifest["state"], ckpt.metas)
                 state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
             size = sum(f["size"] for f in ckpt.manifest["files"].values())
             secs = time.perf_counter() - t0
