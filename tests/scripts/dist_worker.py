@@ -149,8 +149,8 @@ def run() -> None:
         with autockpt.CheckpointManager(CKPT) as mgr:
             result["restored"] = mgr.restore({"model": model, "opt": opt})
         result["full"] = full(model, opt)
-        if ARG:
-            with autockpt.CheckpointManager(ARG) as mgr:
+        if ARG:  # in the background (async_save): staged shards, the save protocol in the writer thread
+            with autockpt.CheckpointManager(ARG, async_save=True) as mgr:
                 mgr.save(2, {"model": model, "opt": opt})
     elif SCENARIO == "preempt":
         model, opt = ddp_model(0)
@@ -198,6 +198,18 @@ def run() -> None:
             result["all_steps"] = mgr.all_steps()
             result["restored"] = mgr.restore({"model": model, "opt": opt})
         result["full"] = full(model, opt)
+    elif SCENARIO == "s3":  # an object store: no rename; rank files go straight to the step directory
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        model, opt = fsdp_model(0)
+        train(model, opt, 2, 1)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
+            mgr.save(2, {"model": model, "opt": opt})
+        result["full"] = full(model, opt)
+        model2, opt2 = fsdp_model(3)
+        train(model2, opt2, 1, 3)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
+            result["restored"] = mgr.restore({"model": model2, "opt": opt2})
+        result["full_after"] = full(model2, opt2)
     elif SCENARIO == "unshared":
         result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
     else:
