@@ -11,22 +11,24 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from autockpt import state as state_mod
+from autockpt.distributed import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    LeaseError,
     SaveError,
 )
 from autockpt.format import (
     CHECKSUM,
     TensorEntry,
     TreeEncoder,
-    dump_manifest,
     is_torch_tensor,
     json_plain,
     new_manifest,
@@ -131,8 +133,11 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self._lease = WriterLease(self.storage)
-        if not self._lease.live_other(self._lease.read()):  # never clean up under another live writer
+        # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
+        self._coord = coordinator_for(self.storage)
+        self._coord.setup(self.storage)
+        self._lease = WriterLease(self.storage)  # held by the writing rank only
+        if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
             self.storage.cleanup(self.storage.scan())
 
     # ------------------------------------------------------------------------------------------ queries
@@ -155,6 +160,9 @@ class CheckpointManager:
             if size != info["size"]:
                 raise CorruptCheckpointError(f"{path} has {size} bytes, the manifest says {info['size']}")
 
+    def _check_files(self, step: int) -> None:
+        self._files_present(step, self._manifest(step))
+
     @property
     def latest_step(self) -> int | None:
         """The newest committed checkpoint whose manifest verifies and whose files have their recorded sizes.
@@ -162,9 +170,9 @@ class CheckpointManager:
         ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
         """
         self._wait()
-        for step in sorted(self.storage.scan().committed, reverse=True):
+        for step in sorted(self._coord.same(self.storage.scan().committed), reverse=True):
             try:
-                self._files_present(step, self._manifest(step))
+                self._coord.run_on_all(self._check_files, step)
                 return step
             except CorruptCheckpointError as e:
                 log.warning("autockpt: checkpoint %s does not verify: %s", step_dirname(step), e)
@@ -204,7 +212,7 @@ class CheckpointManager:
         step = int(step)
         if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a mapping with str keys, e.g. {'model': model}")
-        if not force and not self.should_save(step):
+        if not self._coord.agree_to_save(step, force or self.should_save(step)):
             return False
         clean_metrics = self._clean_metrics(metrics)
         clean_metadata = json_plain(dict(metadata or {}), "metadata")
@@ -214,26 +222,28 @@ class CheckpointManager:
             self._failed(e, counted=True)
         encoder = TreeEncoder()
         tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}  # bad values raise before any write
-        self._lease.check()
-        if not self._lease.held:
-            try:
-                self._lease.acquire()
-                self.storage.cleanup(self.storage.scan())
-            except OSError as e:
-                self._failed(SaveError(f"cannot write to {self.directory}: {e!r}"))
-                return False
-        committed = self.storage.scan().committed
+        problem = self._coord.same(self._take_lease() if self._coord.is_writer else None)
+        if problem is not None:  # every rank learns of it, so that no rank waits for the others
+            kind, message = problem
+            if kind == "lease":
+                raise LeaseError(message)
+            self._failed(SaveError(message))
+            return False
+        committed = self._coord.same(self.storage.scan().committed)
         if step in committed:
             try:
-                self._files_present(step, self._manifest(step))
+                self._check_files(step)
+                already = True
+            except CorruptCheckpointError:
+                already = False
+            if self._coord.same(already):
                 log.info("autockpt: step %d already has a committed checkpoint; not saving it again", step)
                 return False
-            except CorruptCheckpointError:
-                self._manifests.pop(step, None)  # damaged: write it again
-        entries = encoder.tensors
+            self._manifests.pop(step, None)  # damaged: write it again
+        entries = self._coord.prepare(encoder.tensors)
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = [TensorEntry(e.name, self._stage(e), e.framework, e.dtype, e.shape) for e in entries]
+            entries = [replace(e, value=self._stage(e)) for e in entries]
             _sync_devices(entries)
             self._thread = threading.Thread(
                 target=self._write_in_background,
@@ -250,6 +260,19 @@ class CheckpointManager:
                 return False
         self._last_save_time = time.monotonic()
         return True
+
+    def _take_lease(self) -> tuple[str, str] | None:
+        """Hold the writer lease (cleaning leftovers once it is ours); a problem as (kind, message)."""
+        try:
+            self._lease.check()
+            if not self._lease.held:
+                self._lease.acquire()
+                self.storage.cleanup(self.storage.scan())
+        except LeaseError as e:
+            return "lease", str(e)
+        except OSError as e:
+            return "io", f"cannot write to {self.directory}: {e!r}"
+        return None
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
         """Apply the failure policy: warn and go on, or raise at the N-th consecutive failure."""
@@ -293,12 +316,15 @@ class CheckpointManager:
         t0 = time.perf_counter()
         total = sum(e.nbytes for e in entries)
         try:
-            with self.storage.writer(step) as w, \
-                    ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
-                files, tensors = write_payload(w, entries, self.shard_bytes,
-                                               on_bytes=bar.update if bar.active else None)
-                manifest = new_manifest(step, tree, tensors, files, metrics, metadata, run_start)
-                w.commit(dump_manifest(manifest))
+            with ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
+                manifest = self._coord.write(
+                    self.storage, step, entries, self.shard_bytes,
+                    lambda files, tensors: new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+                    on_bytes=bar.update if bar.active else None,
+                )
+            files = manifest["files"]
+        except SaveError:
+            raise
         except Exception as e:
             if not isinstance(e, (OSError, TimeoutError, ConnectionError)) and not transient(e):
                 raise  # a bug or a bad value, not a failure of the storage: never "warn and continue"
@@ -316,7 +342,8 @@ class CheckpointManager:
         size = sum(f["size"] for f in files.values())
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-        self._prune(step)
+        if self._coord.is_writer:
+            self._prune(step)
 
     def _stage(self, entry: TensorEntry) -> Any:
         """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
@@ -411,7 +438,7 @@ class CheckpointManager:
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
         self._wait()
-        committed = self.storage.scan().committed
+        committed = self._coord.same(self.storage.scan().committed)
         if step is not None:
             if step not in committed:
                 raise CheckpointNotFoundError(
@@ -423,7 +450,7 @@ class CheckpointManager:
         for s in steps:
             t0 = time.perf_counter()
             try:
-                ckpt = open_checkpoint(self.storage, s)
+                ckpt = self._coord.run_on_all(open_checkpoint, self.storage, s)
             except CorruptCheckpointError as e:
                 if step is not None:
                     raise
@@ -432,7 +459,7 @@ class CheckpointManager:
                 continue
             size = sum(f["size"] for f in ckpt.manifest["files"].values())
             with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
-                state_mod.check(state, ckpt.manifest["state"], ckpt.metas)
+                self._coord.run_on_all(state_mod.check, state, ckpt.manifest["state"], ckpt.metas)
                 ckpt.on_bytes = bar.update
                 state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
             secs = time.perf_counter() - t0

@@ -9,6 +9,7 @@ own memory when it is a contiguous host tensor of the same dtype and shape, else
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -125,10 +126,21 @@ class Checkpoint:
     def metas(self) -> dict[str, Any]:
         from autockpt.state import TensorMeta
 
-        return {n: TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()}
+        metas = {n: TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()}
+        for n, info in sharded_tensors(self.manifest).items():
+            metas[n] = TensorMeta(n, info["dtype"], tuple(info["shape"]))
+        return metas
 
     def tensor(self, name: str, like: Any = None) -> Any:
-        """Read one tensor; into ``like`` itself when it is a matching contiguous host tensor."""
+        """Read one tensor; into ``like`` itself when it is a matching contiguous host tensor.
+
+        A tensor saved in shards by several ranks is assembled from them (or, into a sharded ``like``, only
+        this rank's part is read: that is how a different world size reshards on load).
+        """
+        if name not in self.manifest["tensors"]:
+            from autockpt.integrations.torch_distributed import read_sharded
+
+            return read_sharded(self, name, sharded_tensors(self.manifest)[name], like)
         meta = self.manifest["tensors"][name]
         f, start = self.files[meta["file"]]
         dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["offsets"]
@@ -179,6 +191,45 @@ class Checkpoint:
         self.close()
 
 
+def sharded_tensors(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Tensors saved in shards: name -> {"dtype", "shape" (global), "shards": [(shard name, offsets, shape)]}.
+
+    A shard is an ordinary tensor entry with ``shard_of`` (the sharded tensor's name), ``global_shape`` and
+    ``shard_offsets`` (where its first element sits in the global tensor).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for n, t in manifest["tensors"].items():
+        if "shard_of" in t:
+            info = out.setdefault(t["shard_of"], {"dtype": t["dtype"], "shape": t["global_shape"], "shards": []})
+            info["shards"].append((n, t["shard_offsets"], t["shape"]))
+    return out
+
+
+def _check_shards(manifest: dict[str, Any], where: str) -> None:
+    """Every sharded tensor's shards agree on dtype and shape, lie inside it, do not overlap and cover it."""
+    try:
+        for name, info in sharded_tensors(manifest).items():
+            shape, volume = info["shape"], 0
+            boxes: list[tuple[Any, Any]] = []
+            for n, off, shp in info["shards"]:
+                t = manifest["tensors"][n]
+                if t["dtype"] != info["dtype"] or t["global_shape"] != shape or len(off) != len(shape) \
+                        or len(shp) != len(shape) or any(not isinstance(o, int) or o < 0 for o in off) \
+                        or any(o + s > g for o, s, g in zip(off, shp, shape, strict=True)):
+                    raise CorruptCheckpointError(f"{where}: shard {n!r} does not fit tensor {name!r}")
+                for b_off, b_shp in boxes:
+                    if all(max(o, bo) < min(o + s, bo + bs) for o, s, bo, bs in zip(off, shp, b_off, b_shp,
+                                                                                     strict=True)):
+                        raise CorruptCheckpointError(f"{where}: shards of tensor {name!r} overlap")
+                boxes.append((off, shp))
+                volume += math.prod(shp)
+            if volume != math.prod(shape):
+                raise CorruptCheckpointError(f"{where}: the shards of tensor {name!r} do not cover it: a shard is "
+                                             "missing")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where}: malformed shard entries: {e!r}") from None
+
+
 def read_manifest(storage: Storage, step: int) -> dict[str, Any]:
     where = f"{storage.url} {step_dirname(step)}"
     manifest = parse_manifest(storage.read_manifest(step), where)
@@ -193,8 +244,10 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     if manifest is None:
         manifest = read_manifest(storage, step)
     tensors = manifest["tensors"]
+    _check_shards(manifest, where)
+    sharded = sharded_tensors(manifest)
     for name in iter_tensor_nodes(manifest["state"]):
-        if name not in tensors:
+        if name not in tensors and name not in sharded:
             raise CorruptCheckpointError(f"{where}: the state refers to tensor {name!r} the manifest does not list")
     ckpt = Checkpoint(step, manifest)
     try:

@@ -1,0 +1,220 @@
+"""One rank of a gloo process group on the CPU, running one scenario of tests/test_distributed.py.
+
+Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python dist_worker.py SCENARIO OUT CKPT [ARG]
+Writes OUT/result-<rank>.json with what this rank saw; the test compares the ranks' results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import autockpt
+from autockpt.errors import AutockptError
+from autockpt.integrations import torch_distributed as td
+from autockpt.preemption import PreemptionWatcher
+
+SCENARIO, OUT, CKPT = sys.argv[1], sys.argv[2], sys.argv[3]
+ARG = sys.argv[4] if len(sys.argv) > 4 else ""
+RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+result: dict[str, Any] = {"rank": RANK, "world": WORLD}
+
+
+def done() -> None:
+    with open(os.path.join(OUT, f"result-{RANK}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def error_of(fn: Any) -> dict[str, Any] | None:
+    t0 = time.monotonic()
+    try:
+        fn()
+    except AutockptError as e:
+        return {"type": type(e).__name__, "message": str(e), "secs": time.monotonic() - t0}
+    return None
+
+
+def ddp_model(seed: int) -> tuple[Any, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def train(model: Any, opt: Any, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed * 100 + RANK)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(8, model.module.in_features if hasattr(model, "module") else 8, generator=g)
+        model(x).pow(2).sum().backward()
+        opt.step()
+
+
+def fsdp_model(seed: int) -> tuple[Any, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 7), torch.nn.Linear(7, 5))  # uneven shards on 4 ranks
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, opt
+
+
+def full(model: Any, opt: Any) -> dict[str, Any]:
+    """Every parameter and Adam moment as full (unsharded) nested lists; collective."""
+    out = {f"p/{n}": p.full_tensor().tolist() for n, p in model.named_parameters()}
+    for i, st in opt.state_dict()["state"].items():
+        out[f"exp_avg/{i}"] = st["exp_avg"].full_tensor().tolist()
+        out[f"step/{i}"] = float(st["step"])
+    return out
+
+
+class DyingFile:
+    """A file that SIGKILLs its own process after the first write: a rank killed in the middle of a save."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        self.f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return int(n)
+
+
+def inject(kind: str) -> None:
+    """Make this rank's payload writes fail (an OSError) or kill the rank mid-write."""
+    real = td._RankFiles.open
+
+    def broken(self: Any, name: str) -> Any:
+        if kind == "oserror":
+            raise OSError(28, "No space left on device (injected on this rank)")
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm() -> Any:
+            with real(self, name) as f:
+                yield DyingFile(f)
+
+        return cm()
+
+    td._RankFiles.open = broken  # type: ignore[method-assign]
+
+
+def main() -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    try:
+        run()
+    finally:
+        done()
+        dist.destroy_process_group()
+
+
+def run() -> None:
+    if SCENARIO == "ddp":
+        model, opt = ddp_model(0)
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+            for step in range(1, 4):
+                train(model, opt, 1, step)
+                result.setdefault("saved", []).append(mgr.save(step, {"model": model, "opt": opt}))
+        result["weights"] = model.module.weight.tolist()
+        model2, opt2 = ddp_model(1)
+        result["fresh"] = model2.module.weight.tolist()
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            result["latest"] = mgr.latest_step
+            result["restored"] = mgr.restore({"model": model2, "opt": opt2})
+        result["weights_after"] = model2.module.weight.tolist()
+        result["momentum_equal"] = all(
+            torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+            for p, q in zip(model.parameters(), model2.parameters(), strict=True)
+        )
+    elif SCENARIO == "fsdp_save":
+        model, opt = fsdp_model(0)
+        train(model, opt, 2, 1)
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            mgr.save(2, {"model": model, "opt": opt})
+        result["full"] = full(model, opt)
+    elif SCENARIO == "fsdp_restore":  # restore into another world size; then save again into ARG
+        model, opt = fsdp_model(7)
+        train(model, opt, 1, 9)  # the optimizer state must exist (its DTensors give the layout to read into)
+        result["fresh"] = full(model, opt)
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            result["restored"] = mgr.restore({"model": model, "opt": opt})
+        result["full"] = full(model, opt)
+        if ARG:  # in the background (async_save): staged shards, the save protocol in the writer thread
+            with autockpt.CheckpointManager(ARG, async_save=True) as mgr:
+                mgr.save(2, {"model": model, "opt": opt})
+    elif SCENARIO == "preempt":
+        model, opt = ddp_model(0)
+        with autockpt.CheckpointManager(CKPT, save_interval_steps=10**6) as mgr, PreemptionWatcher() as watcher:
+            for step in range(1, 3000):
+                train(model, opt, 1, step)
+                if step == 5:
+                    with open(os.path.join(OUT, f"ready-{RANK}"), "w") as f:
+                        f.write(str(os.getpid()))
+                time.sleep(0.02)
+                stop = td.any_rank(watcher.triggered)
+                mgr.save(step, {"model": model, "opt": opt}, force=stop)
+                if stop:
+                    result["stopped_at"] = step
+                    break
+            result["received"] = watcher.received
+            result["all_steps"] = mgr.all_steps()
+    elif SCENARIO == "fail_one":  # ARG: the rank whose writes fail (sharded state: every rank writes)
+        model, opt = fsdp_model(0)
+        train(model, opt, 1, 1)
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+            mgr.save(1, {"model": model, "opt": opt})
+            train(model, opt, 1, 2)
+            real = td._RankFiles.open
+            if RANK == int(ARG):
+                inject("oserror")
+            result["error"] = error_of(lambda: mgr.save(2, {"model": model, "opt": opt}))
+            td._RankFiles.open = real  # type: ignore[method-assign]
+            result["saved_after"] = mgr.save(3, {"model": model, "opt": opt})
+            result["all_steps"] = mgr.all_steps()
+    elif SCENARIO == "kill_one":  # ARG: the rank SIGKILLed in the middle of writing step 2
+        model, opt = fsdp_model(0)
+        train(model, opt, 1, 1)
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+            mgr.save(1, {"model": model, "opt": opt})
+            result["full_1"] = full(model, opt)
+            train(model, opt, 1, 2)
+            if RANK == int(ARG):
+                inject("kill")
+            result["error"] = error_of(lambda: mgr.save(2, {"model": model, "opt": opt}))
+    elif SCENARIO == "resume":
+        model, opt = fsdp_model(5)
+        train(model, opt, 1, 5)
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            result["all_steps"] = mgr.all_steps()
+            result["restored"] = mgr.restore({"model": model, "opt": opt})
+        result["full"] = full(model, opt)
+    elif SCENARIO == "s3":  # an object store: no rename; rank files go straight to the step directory
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        model, opt = fsdp_model(0)
+        train(model, opt, 2, 1)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
+            mgr.save(2, {"model": model, "opt": opt})
+        result["full"] = full(model, opt)
+        model2, opt2 = fsdp_model(3)
+        train(model2, opt2, 1, 3)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
+            result["restored"] = mgr.restore({"model": model2, "opt": opt2})
+        result["full_after"] = full(model2, opt2)
+    elif SCENARIO == "unshared":
+        result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
+    else:
+        raise SystemExit(f"unknown scenario {SCENARIO}")
+
+
+if __name__ == "__main__":
+    main()
