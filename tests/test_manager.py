@@ -265,3 +265,39 @@ def test_async_saves_reuse_staging_and_stay_exact(tmp_path: Path) -> None:
     for step, snap in expected.items():
         saved = autockpt.load(tmp_path, step=step)["model"]
         assert all(torch.equal(saved[k], v) for k, v in snap.items()), step
+
+
+def test_writer_lease_of_a_live_process_blocks_a_dead_ones_is_cleaned(tmp_path: Path) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from autockpt.errors import LeaseError
+    from autockpt.lease import LEASE_NAME, _process_start
+
+    with autockpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": np.ones(2)})
+    assert not (tmp_path / LEASE_NAME).exists()  # close() released it
+
+    def lease_of(proc: subprocess.Popen[bytes]) -> None:
+        (tmp_path / LEASE_NAME).write_text(json.dumps({
+            "host": socket.gethostname(), "pid": proc.pid, "start": _process_start(proc.pid),
+            "expires": time.time() + 60, "ttl": 60}))
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease_of(live)
+        mgr = autockpt.CheckpointManager(tmp_path)
+        assert (tmp_path / LEASE_NAME).exists()  # a live writer's lease is never removed
+        with pytest.raises(LeaseError, match=f"pid {live.pid}"):
+            mgr.save(2, {"w": np.ones(2)})
+        assert mgr.restore({"w": np.zeros(2)}) == 1  # reading is always allowed
+    finally:
+        live.kill()
+        live.wait()
+    lease_of(live)  # now the lease of a process that is gone
+    mgr = autockpt.CheckpointManager(tmp_path)
+    assert not (tmp_path / LEASE_NAME).exists()  # a dead writer's lease is a leftover: cleaned at start
+    assert mgr.save(2, {"w": np.ones(2)})
+    mgr.close()

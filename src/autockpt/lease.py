@@ -142,6 +142,19 @@ class WriterLease:
             except Exception as e:  # a missed heartbeat is retried; the lease lives for ttl seconds
                 log.warning("autockpt: could not renew the writer lease of %s: %r", self.storage.url, e)
 
+    def remove_stale(self) -> None:
+        """Remove the lease of a writer that is gone (a leftover of a crash); a live or own lease stays."""
+        lease = self.read()
+        if lease is None or self._mine(lease) or self.live_other(lease):
+            return
+        try:
+            if self.storage.atomic_rename:
+                os.unlink(self.path)
+            else:
+                self.storage.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
         self._stop.set()

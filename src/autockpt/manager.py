@@ -139,6 +139,7 @@ class CheckpointManager:
         self._lease = WriterLease(self.storage)  # held by the writing rank only
         if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
             self.storage.cleanup(self.storage.scan())
+            self._lease.remove_stale()
 
     # ------------------------------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:

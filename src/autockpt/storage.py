@@ -248,6 +248,13 @@ class CheckpointWriter:
             if retry(lambda: storage.fs.exists(manifest), f"checking {manifest}"):  # replacing a damaged one
                 retry(lambda: storage.fs.rm_file(manifest), f"removing {manifest}")
 
+    @classmethod
+    def attach(cls, storage: Storage, directory: str) -> CheckpointWriter:
+        """A writer of files into a checkpoint directory that another process created (and will commit)."""
+        w = cls.__new__(cls)
+        w.storage, w.step, w.final, w.dir, w.committed = storage, -1, directory, directory, False
+        return w
+
     @contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
         """A file to write; durable (fsynced) once the ``with`` block exits without error."""

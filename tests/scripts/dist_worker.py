@@ -21,6 +21,7 @@ import autockpt
 from autockpt.errors import AutockptError
 from autockpt.integrations import torch_distributed as td
 from autockpt.preemption import PreemptionWatcher
+from autockpt.storage import CheckpointWriter
 
 SCENARIO, OUT, CKPT = sys.argv[1], sys.argv[2], sys.argv[3]
 ARG = sys.argv[4] if len(sys.argv) > 4 else ""
@@ -92,7 +93,7 @@ class DyingFile:
 
 def inject(kind: str) -> None:
     """Make this rank's payload writes fail (an OSError) or kill the rank mid-write."""
-    real = td._RankFiles.open
+    real = CheckpointWriter.open
 
     def broken(self: Any, name: str) -> Any:
         if kind == "oserror":
@@ -106,7 +107,7 @@ def inject(kind: str) -> None:
 
         return cm()
 
-    td._RankFiles.open = broken  # type: ignore[method-assign]
+    CheckpointWriter.open = broken  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -171,20 +172,21 @@ def run() -> None:
     elif SCENARIO == "fail_one":  # ARG: the rank whose writes fail (sharded state: every rank writes)
         model, opt = fsdp_model(0)
         train(model, opt, 1, 1)
-        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+        # max_consecutive_failures=1: the failure is raised (the default would warn and return False on all ranks)
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1) as mgr:
             mgr.save(1, {"model": model, "opt": opt})
             train(model, opt, 1, 2)
-            real = td._RankFiles.open
+            real = CheckpointWriter.open
             if RANK == int(ARG):
                 inject("oserror")
             result["error"] = error_of(lambda: mgr.save(2, {"model": model, "opt": opt}))
-            td._RankFiles.open = real  # type: ignore[method-assign]
+            CheckpointWriter.open = real  # type: ignore[method-assign]
             result["saved_after"] = mgr.save(3, {"model": model, "opt": opt})
             result["all_steps"] = mgr.all_steps()
     elif SCENARIO == "kill_one":  # ARG: the rank SIGKILLed in the middle of writing step 2
         model, opt = fsdp_model(0)
         train(model, opt, 1, 1)
-        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1) as mgr:
             mgr.save(1, {"model": model, "opt": opt})
             result["full_1"] = full(model, opt)
             train(model, opt, 1, 2)

@@ -40,12 +40,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import posixpath
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -111,25 +109,6 @@ def _local_box(t: Any) -> tuple[list[int], list[int]]:
 
 def _is_sharded(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor) and not all(p.is_replicate() for p in t.placements)
-
-
-class _RankFiles:
-    """Opens this rank's files inside the checkpoint directory that rank 0 created (same as CheckpointWriter)."""
-
-    def __init__(self, storage: Storage, directory: str) -> None:
-        self.storage = storage
-        self.dir = directory
-
-    @contextmanager
-    def open(self, name: str) -> Iterator[BinaryIO]:
-        if self.storage.atomic_rename:
-            with open(os.path.join(self.dir, name), "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            with self.storage.fs.open(posixpath.join(self.dir, name), "wb") as f:
-                yield f
 
 
 def _error_like(cls_name: str, message: str) -> Exception:
@@ -292,7 +271,7 @@ class TorchCoordinator:
 
         if not entries:
             return {}, {}
-        files, tensors = write_payload(_RankFiles(storage, directory), entries,  # type: ignore[arg-type]
+        files, tensors = write_payload(CheckpointWriter.attach(storage, directory), entries,
                                        shard_bytes, prefix=f"rank-{self.rank:05d}", on_bytes=on_bytes)
         for e in entries:
             if isinstance(e, ShardEntry):
