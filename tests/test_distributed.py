@@ -186,6 +186,26 @@ def test_preemption_signal_on_one_rank_stops_all_at_the_same_step(tmp_path: Path
     assert autockpt.CheckpointManager(str(ckpt)).all_steps() == [r0["stopped_at"]]
 
 
+def test_resume_loop_under_a_process_group_stops_all_ranks_together_and_resumes(tmp_path: Path) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    g = Group("resume_loop", 2, out, ckpt, "3000")
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "ready-1").exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in g.procs), g.logs()
+        time.sleep(0.05)
+    os.kill(int((out / "ready-1").read_text()), signal.SIGUSR1)  # only rank 1 is preempted
+    assert g.wait() == [0, 0], g.logs()
+    r0, r1 = g.results()
+    assert r0["preempted"] and r1["preempted"] and r0["step"] == r1["step"] > 5
+    assert r1["exit_code"] == 128 + signal.SIGUSR1 and r0["exit_code"] == 128 + signal.SIGTERM
+    assert r0["all_steps"] == r1["all_steps"] == [r0["step"]]  # one checkpoint, at the step where they stopped
+    stopped = r0["step"]
+    r0, r1 = run("resume_loop", 2, tmp_path / "out2", ckpt, str(stopped + 3))  # the relaunched group resumes
+    assert r0["started_at"] == r1["started_at"] == stopped
+    assert r0["finished"] and r1["finished"] and r0["step"] == r1["step"] == stopped + 3
+    assert r0["weight"] == r1["weight"]  # DDP replicas stay identical after the resume
+
+
 @pytest.mark.parametrize("failing", [0, 1])
 def test_failing_write_on_one_rank_raises_on_all_ranks(tmp_path: Path, failing: int) -> None:
     ckpt = tmp_path / "ckpt"

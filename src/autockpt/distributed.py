@@ -107,8 +107,19 @@ def process_group_initialized() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def coordinator_for(storage: Storage) -> Coordinator:
-    """The coordinator for this process: the torch one under an initialised process group, else the local one."""
+def coordinator_for(storage: Storage, distributed: bool | None = None) -> Coordinator:
+    """The coordinator for this process: the torch one under an initialised process group, else the local one.
+
+    ``distributed=False`` asks for the local one even under a process group (a caller that coordinates the
+    ranks itself and saves from one rank); ``True`` requires a process group.
+    """
+    if distributed is False:
+        return LocalCoordinator()
+    if distributed and not process_group_initialized():
+        from autockpt.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("distributed=True, but no torch.distributed process group is initialised; "
+                                   "call torch.distributed.init_process_group first (torchrun sets up its env)")
     if process_group_initialized():
         from autockpt.integrations.torch_distributed import TorchCoordinator
 

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from autockpt.data import is_plain_dataloader
+from autockpt.distributed import process_group_initialized
 from autockpt.errors import InvalidArgumentError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
@@ -99,6 +100,8 @@ class Run:
     def exit_code(self) -> int:
         """0 unless preempted; then ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C)."""
         sig = self.signal
+        if sig is None and self.preempted:  # stopped because another rank was signalled
+            sig = signal.SIGTERM
         return 0 if sig is None else 128 + int(sig)
 
     # ------------------------------------------------------------------------------------------ context
@@ -158,7 +161,7 @@ class Run:
     def _steps(self, total: int) -> Iterator[int]:
         self._stepping = True
         try:
-            if self._watcher.triggered:  # a signal came before the first step
+            if self._signalled():  # a signal came before the first step
                 self._stop()
                 return
             while self.step < total:
@@ -167,7 +170,7 @@ class Run:
                 self.step += 1
                 if self.step >= total:
                     break
-                if self._watcher.triggered:
+                if self._signalled():
                     self._stop()
                     return
                 self.manager.save(self.step, self.state, metrics=self._metrics)
@@ -175,6 +178,14 @@ class Run:
             self.finished = True
         finally:
             self._stepping = False
+
+    def _signalled(self) -> bool:
+        """Whether to stop: this process got a signal or, under torch.distributed, any rank did."""
+        if process_group_initialized():
+            from autockpt.integrations.torch_distributed import any_rank
+
+            return any_rank(self._watcher.triggered)
+        return self._watcher.triggered
 
     def _stop(self) -> None:
         self.manager.save(self.step, self.state, metrics=self._metrics, force=True)

@@ -72,6 +72,10 @@ class CheckpointManager:
         progress: show bytes and rate on the terminal while large checkpoints (64 MiB and more) are saved
             and restored. Either way one summary line per save and restore is logged to the "autockpt"
             logger at INFO level.
+        distributed: ``None`` (default) detects an initialised ``torch.distributed`` process group; then the
+            manager is collective: create it and call ``save``/``restore``/``latest_step`` on every rank.
+            ``False`` keeps it local to this process even under a process group (for code that saves from
+            one rank and coordinates the ranks itself).
 
     Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
     heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
@@ -105,6 +109,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         max_consecutive_failures: int = 3,
         progress: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
@@ -134,7 +139,9 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
-        self._coord = coordinator_for(self.storage)
+        if distributed not in (None, True, False):
+            raise InvalidArgumentError(f"distributed must be None (detect), True or False, got {distributed!r}")
+        self._coord = coordinator_for(self.storage, distributed)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage)  # held by the writing rank only
         if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer

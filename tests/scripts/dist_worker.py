@@ -169,6 +169,18 @@ def run() -> None:
                     break
             result["received"] = watcher.received
             result["all_steps"] = mgr.all_steps()
+    elif SCENARIO == "resume_loop":  # autockpt.resume under a process group; ARG: the number of steps
+        model, opt = ddp_model(0)
+        with autockpt.resume(CKPT, model=model, optimizer=opt, every_n_steps=10**6) as run:
+            result["started_at"] = run.step
+            for step in run.steps(int(ARG)):
+                train(model, opt, 1, step + 1)
+                if step == 5:
+                    with open(os.path.join(OUT, f"ready-{RANK}"), "w") as f:
+                        f.write(str(os.getpid()))
+                time.sleep(0.02)
+        result.update(step=run.step, preempted=run.preempted, exit_code=run.exit_code, finished=run.finished,
+                      weight=model.module.weight.detach().tolist(), all_steps=run.manager.all_steps())
     elif SCENARIO == "fail_one":  # ARG: the rank whose writes fail (sharded state: every rank writes)
         model, opt = fsdp_model(0)
         train(model, opt, 1, 1)

@@ -273,9 +273,10 @@ class AutoCheckpoint(_Base):
         self.preempted = False
         self.restored_step = None
         if trainer.is_global_zero:
+            # only global rank 0 has a manager; this callback agrees with the other ranks itself
             self._manager = CheckpointManager(self.directory, self._policy.max_to_keep,
                                               self._policy.keep_every_n_hours, self._policy.keep_best,
-                                              storage_options=self.storage_options)
+                                              storage_options=self.storage_options, distributed=False)
             step = self._manager.latest_step
         else:
             step = None
