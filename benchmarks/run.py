@@ -171,8 +171,18 @@ def bench_stall(state: dict[str, torch.Tensor], work: Path, repeats: int) -> tup
     except Exception as e:  # pragma: no cover - depends on the torch build
         dcp_med, note = {}, f"dcp.async_save failed here: {e!r}"
     mgr.close()
-    sync = alternate({"autockpt sync save()": lambda: (timed(lambda: autockpt.CheckpointManager(
-        work / f"sync{time.monotonic_ns()}", max_to_keep=1).save(1, state)))}, max(1, repeats // 2))
+    dist.destroy_process_group()  # the rest of the benchmark runs without a process group
+    for p in list(work.iterdir()):
+        if p.name.startswith(("dcp_async", "async")):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def sync_save() -> float:
+        d = work / "sync"
+        shutil.rmtree(d, ignore_errors=True)
+        return timed(lambda: autockpt.CheckpointManager(d, max_to_keep=1).save(1, state))
+
+    sync = alternate({"autockpt sync save()": sync_save}, max(1, repeats // 2))
+    shutil.rmtree(work / "sync", ignore_errors=True)
     return {"clone()": clone["clone()"], "autockpt async save() (1st)": first, **later, **dcp_med, **sync}, note
 
 
@@ -184,7 +194,9 @@ kind, work, n, numel = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[
 model = torch.nn.Module()
 for i in range(n):
     model.register_buffer(f"w{i}", torch.full((numel,), -1.0))  # touched: counted in the baseline RSS
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's peak RSS in KiB (ru_maxrss would carry the parent's peak across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+base = hwm()
 t = time.perf_counter()
 if kind == "autockpt":
     autockpt.CheckpointManager(os.path.join(work, "ours")).restore({"model": model})
@@ -193,7 +205,7 @@ elif kind == "torch.load":
 else:
     model.load_state_dict(load_file(os.path.join(work, "restore.safetensors")))
 dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 ok = all(bool((getattr(model, f"w{i}")[:4] == i).all()) for i in range(n))
 print(json.dumps({"seconds": dt, "extra_mib": (peak - base) / 1024, "ok": ok}))
 """
@@ -214,7 +226,9 @@ def bench_restore(n: int, numel: int, work: Path, repeats: int) -> tuple[dict[st
     for _ in range(repeats):
         for kind in ("torch.load", "autockpt", "safetensors.load_file"):
             out = subprocess.run([sys.executable, "-c", RESTORE_CHILD, kind, str(work), str(n), str(numel)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"restore with {kind} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             assert r["ok"], kind
             secs.setdefault(kind, []).append(r["seconds"])
@@ -315,7 +329,8 @@ def chart(sections: dict[str, dict[str, float]], baselines: dict[str, str], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(sections), 1, figsize=(9, 2.6 * len(sections)))
+    fig, axes = plt.subplots(len(sections), 1, figsize=(9, 2.6 * len(sections)), squeeze=False)
+    axes = axes[:, 0]
     for ax, (title, med) in zip(axes, sections.items(), strict=True):
         names = list(med)
         base = med[baselines[title]]
@@ -336,6 +351,7 @@ def main() -> None:
     ap.add_argument("--e2e-width", type=int, default=3584, help="4 Linear(w, w): 3584 gives ~51M parameters")
     ap.add_argument("--e2e-steps", type=int, default=60)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir on the same disk)")
+    ap.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 3,4")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="autockpt-bench-", dir=str(HERE)))
@@ -349,48 +365,57 @@ def main() -> None:
           f"{torch.__version__}; {os.cpu_count()} CPUs; repeats {args.repeats}; medians.\n"]
     sections: dict[str, dict[str, float]] = {}
     baselines: dict[str, str] = {}
+    want = set(args.sections.split(","))
     try:
-        t = f"1a. durable sync save, {args.gib:g} GiB in 64 tensors"
-        sections[t] = bench_sync_save(large, work, args.repeats)
-        baselines[t] = "raw write+fsync"
-        md.append(table(t, sections[t], baselines[t]))
-        print(md[-1], flush=True)
-        t = f"1b. durable sync save, {args.small_mib:g} MiB in 20,000 tensors"
-        sections[t] = bench_sync_save(small, work, args.repeats)
-        baselines[t] = "raw write+fsync"
-        md.append(table(t, sections[t], baselines[t]))
-        print(md[-1], flush=True)
-        t = f"2. training stall per checkpoint, {args.gib:g} GiB"
-        sections[t], note = bench_stall(large, work, args.repeats)
-        baselines[t] = "clone()"
-        md.append(table(t, sections[t], baselines[t]) + (f"\n{note}\n" if note else ""))
-        print(md[-1], flush=True)
-        t = f"3. restore {args.gib:g} GiB into existing tensors"
-        secs, mem = bench_restore(64, numel, work, args.repeats)
-        sections[t] = secs
-        baselines[t] = "torch.load"
-        md.append(table(t, secs, baselines[t], extra={k: f"peak extra memory {v:.0f} MiB" for k, v in mem.items()})
-                  + f"\nLargest single tensor: {numel * 4 / MiB:.0f} MiB.\n")
-        print(md[-1], flush=True)
-        t = f"4. end to end, {args.e2e_steps} Adam steps of a 4x Linear({args.e2e_width}) model, checkpoint every 20"
-        sections[t] = bench_end_to_end(work, args.e2e_steps, 20, args.e2e_width)
-        baselines[t] = "no checkpoints"
-        md.append(table(t, sections[t], baselines[t]))
-        print(md[-1], flush=True)
-        t = f"5. save to S3 (moto on 127.0.0.1), {args.small_mib:g} MiB in 64 tensors"
-        s3_state = {k: v[: int(args.small_mib * MiB / 4 / 64)] for k, v in large.items()}
-        s3, nbytes = bench_s3(s3_state, work, args.repeats)
-        sections[t] = s3
-        baselines[t] = "raw s3fs pipe_file"
-        md.append(table(t, s3, baselines[t], extra={k: f"{nbytes / v / 1e6:.0f} MB/s" for k, v in s3.items()}))
-        print(md[-1], flush=True)
+        if "1" in want:
+            t = f"1a. durable sync save, {args.gib:g} GiB in 64 tensors"
+            sections[t] = bench_sync_save(large, work, args.repeats)
+            baselines[t] = "raw write+fsync"
+            md.append(table(t, sections[t], baselines[t]))
+            print(md[-1], flush=True)
+            t = f"1b. durable sync save, {args.small_mib:g} MiB in 20,000 tensors"
+            sections[t] = bench_sync_save(small, work, args.repeats)
+            baselines[t] = "raw write+fsync"
+            md.append(table(t, sections[t], baselines[t]))
+            print(md[-1], flush=True)
+        if "2" in want:
+            t = f"2. training stall per checkpoint, {args.gib:g} GiB"
+            sections[t], note = bench_stall(large, work, args.repeats)
+            baselines[t] = "clone()"
+            md.append(table(t, sections[t], baselines[t]) + (f"\n{note}\n" if note else ""))
+            print(md[-1], flush=True)
+        if "3" in want:
+            t = f"3. restore {args.gib:g} GiB into existing tensors"
+            secs, mem = bench_restore(64, numel, work, args.repeats)
+            sections[t] = secs
+            baselines[t] = "torch.load"
+            notes = {k: f"peak extra memory {v:.0f} MiB" for k, v in mem.items()}
+            md.append(table(t, secs, baselines[t], extra=notes)
+                      + f"\nLargest single tensor: {numel * 4 / MiB:.0f} MiB.\n")
+            print(md[-1], flush=True)
+        if "4" in want:
+            t = (f"4. end to end, {args.e2e_steps} Adam steps of a 4x Linear({args.e2e_width}) model, "
+                 "checkpoint every 20")
+            sections[t] = bench_end_to_end(work, args.e2e_steps, 20, args.e2e_width)
+            baselines[t] = "no checkpoints"
+            md.append(table(t, sections[t], baselines[t]))
+            print(md[-1], flush=True)
+        if "5" in want:
+            t = f"5. save to S3 (moto on 127.0.0.1), {args.small_mib:g} MiB in 64 tensors"
+            s3_state = {k: v[: int(args.small_mib * MiB / 4 / 64)] for k, v in large.items()}
+            s3, nbytes = bench_s3(s3_state, work, args.repeats)
+            sections[t] = s3
+            baselines[t] = "raw s3fs pipe_file"
+            md.append(table(t, s3, baselines[t], extra={k: f"{nbytes / v / 1e6:.0f} MB/s" for k, v in s3.items()}))
+            print(md[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        (RESULTS / "RESULTS.md").write_text("\n".join(md))
-        (RESULTS / "results.json").write_text(json.dumps(sections, indent=1))
+        tag = "" if want == {"1", "2", "3", "4", "5"} else "-s" + "".join(sorted(want))
+        (RESULTS / f"RESULTS{tag}.md").write_text("\n".join(md))
+        (RESULTS / f"results{tag}.json").write_text(json.dumps(sections, indent=1))
         if sections:
-            chart(sections, baselines, RESULTS / "chart.png")
-    print(f"wrote {RESULTS / 'RESULTS.md'} and {RESULTS / 'chart.png'}; peak RSS "
+            chart(sections, baselines, RESULTS / f"chart{tag}.png")
+    print(f"wrote {RESULTS}/RESULTS{tag}.md and chart{tag}.png; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
