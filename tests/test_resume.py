@@ -352,3 +352,28 @@ def _train_one(model: object, opt: object) -> None:
     opt.zero_grad()
     model(torch.ones(2, 3)).pow(2).mean().backward()
     opt.step()
+
+
+def test_preemption_while_an_async_save_is_in_flight_commits_it_and_the_last_step(tmp_path: Path) -> None:
+    from autockpt.reader import open_checkpoint
+    from autockpt.storage import Storage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: each background save takes a while
+    opt = torch.optim.Adam(model.parameters())
+    with autockpt.resume(tmp_path, model=model, optimizer=opt, every_n_steps=1, max_to_keep=None,
+                         async_save=True) as run:
+        for step in run.steps(100):
+            opt.zero_grad()
+            model(torch.randn(4, 1024)).square().mean().backward()
+            opt.step()
+            if step == 3:  # the save of step 3 was started before this body ran, in the background
+                os.kill(os.getpid(), signal.SIGTERM)
+    weights = model.weight.detach().clone()
+    assert run.preempted and run.step == 4 and run.exit_code == 128 + signal.SIGTERM
+    storage = Storage(str(tmp_path))
+    assert sorted(storage.scan().committed) == [1, 2, 3, 4]  # the in-flight save committed, then the last step
+    for s in (1, 2, 3, 4):
+        with open_checkpoint(storage, s):  # every one verifies (sizes, checksums, headers)
+            pass
+    assert torch.equal(autockpt.load(tmp_path)["model"]["weight"], weights)
