@@ -422,7 +422,7 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
                 or not isinstance(f.get(CHECKSUM), str):
             raise CorruptCheckpointError(f"{where}: manifest lists an invalid file entry {name!r}")
     for name, t in body["tensors"].items():
-        if not isinstance(t, dict) or t.get("file") not in body["files"]:
+        if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in body["files"]:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} names a file the manifest does not list")
     return body
 
