@@ -77,34 +77,51 @@ def _in_flight(url: str, opts: dict[str, Any] | None, history: list[int], start:
 
 
 def local_phase(line: str) -> str:
-    """Where a kill of kill_writer.py landed, from its 'killed-at EVENT PATH' line."""
-    _, event, *rest = line.split(" ", 2)
-    path = rest[0] if rest else ""
+    """Which part of a save a filesystem operation of kill_writer.py is, from its 'EVENT PATH' text."""
+    event, _, path = line.partition(" ")
     base = os.path.basename(path)
-    if event == "open" and base.endswith(".safetensors"):
+    if "lease" in base:
+        return "lease"
+    if event == "open" and base.endswith(".safetensors") or event == "os.mkdir" and ".tmp-step" in base:
         return "payload write"
     if event == "open" and base == "manifest.json":
         return "manifest write"
-    if event in ("os.fsync",) or (event == "os.rename" and "/.tmp-step" in path):
+    if event == "os.fsync" or (event == "os.rename" and base.startswith(".tmp-step")):
         return "commit (fsync, rename)"
-    if event in ("os.remove", "os.rmdir") or (event == "os.rename" and ".tmp-del" not in path):
+    if event in ("os.remove", "os.rmdir", "os.rename"):
         return "pruning (rename away, unlink, rmdir)"
-    if event == "os.mkdir":
-        return "payload write"
-    if "lease" in path:
-        return "lease"
     return "listing and reading"
 
 
+def local_kill_points(root: Path) -> dict[str, list[int]]:
+    """The filesystem operations of three saves by kill_writer.py, by phase: {phase: [operation numbers]}."""
+    url = str(root / f"trace-{uuid.uuid4().hex[:8]}")
+    for _ in range(2):  # the second run is the steady state: it prunes what the first one saved
+        proc = subprocess.run([sys.executable, str(KILL_WRITER), url, "3", "0", str(FLOATS)], capture_output=True,
+                              text=True, timeout=120, env={**ENV, "AUTOCKPT_TRACE": "1"})
+        assert proc.returncode == 0, proc.stderr
+    points: dict[str, list[int]] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("event "):
+            _, n, rest = line.split(" ", 2)
+            points.setdefault(local_phase(rest), []).append(int(n))
+    return points
+
+
 def crash_trials_local(root: Path, trials: int, seed: int = 0) -> Counter[str]:
-    """SIGKILL a local writer at its N-th filesystem operation (N swept) and at random moments."""
+    """SIGKILL a local writer at a filesystem operation of each phase in turn, and (every 4th) at random."""
     figures: Counter[str] = Counter()
     rng = random.Random(seed)
+    points = local_kill_points(root)
+    phases = sorted(points)
     url = str(root / f"local-{uuid.uuid4().hex[:8]}")
     history: list[int] = []
-    kill_at = 1
+    i = 0
     while figures["trials"] < trials:
-        timed = figures["trials"] % 4 == 3  # every 4th trial: a kill at a random moment instead
+        i += 1
+        timed = i % 4 == 0
+        phase = phases[i % len(phases)]
+        kill_at = rng.choice(points[phase])
         args = [sys.executable, str(KILL_WRITER), url, "3", "0" if timed else str(kill_at), str(FLOATS)]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         if timed:
@@ -115,15 +132,12 @@ def crash_trials_local(root: Path, trials: int, seed: int = 0) -> Counter[str]:
         if proc.returncode != -9:
             if proc.returncode != 0:
                 raise RuntimeError(err)
-            kill_at = 1  # ran past the last operation of its saves: start the sweep over
-            continue
+            continue  # the random moment came after the saves finished
         _in_flight(url, None, history, None)
         figures["trials"] += 1
         killed = [line for line in err.splitlines() if line.startswith("killed-at ")]
-        phase = local_phase(killed[0]) if killed else "random moment"
-        figures[f"SIGKILL during: {phase}"] += 1
-        if not timed:
-            kill_at += rng.randint(1, 3)
+        landed = local_phase(killed[0].split(" ", 1)[1]) if killed else "a random moment"
+        figures[f"SIGKILL during: {landed}"] += 1
         figures.update(check_run(url, None, history))
     figures["checkpoints committed"] = len(set(history))
     return figures
@@ -139,16 +153,21 @@ def crash_trials_s3(endpoint: str, new_bucket: Callable[[], str], trials: int, s
     url = f"s3://{new_bucket()}/run"
     history: list[int] = []
     with FaultProxy(endpoint) as proxy:
-        # how many requests do three saves take?
-        out = subprocess.run([sys.executable, str(FAULT_WRITER), url, proxy.endpoint, "3", str(FLOATS)],
-                             capture_output=True, text=True, timeout=120, env=ENV)
-        assert out.returncode == 0, out.stderr
-        history += committed_lines(out.stdout)
-        total = proxy.stats["requests"]
+        for _ in range(2):  # the second run is the steady state (it prunes): its requests, by kind
+            n0 = len(proxy.trace)
+            out = subprocess.run([sys.executable, str(FAULT_WRITER), url, proxy.endpoint, "3", str(FLOATS)],
+                                 capture_output=True, text=True, timeout=120, env=ENV)
+            assert out.returncode == 0, out.stderr
+            history += committed_lines(out.stdout)
+        per_kind = Counter(proxy.trace[n0:])  # kill at the k-th request of one kind, each kind in turn
+        kinds = sorted(per_kind)
+        i = 0
         while figures["trials"] < trials:
+            i += 1
             proc = subprocess.Popen([sys.executable, str(FAULT_WRITER), url, proxy.endpoint, "3", str(FLOATS)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-            proxy.arm(proc.pid, rng.randint(1, total), after_forward=rng.random() < 0.5)
+            kind = kinds[i % len(kinds)]
+            proxy.arm(proc.pid, rng.randint(1, per_kind[kind]), after_forward=i % 3 == 0, kind=kind)
             out_s, err = proc.communicate(timeout=120)
             proxy.disarm()
             history += committed_lines(out_s)

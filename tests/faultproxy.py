@@ -60,8 +60,10 @@ class FaultProxy:
         self.kill_pid: int | None = None
         self.kill_at = 0
         self.kill_after_forward = False
+        self.kill_kind: str | None = None
         self.counted = 0
         self.killed: str | None = None  # what the killing request was
+        self.trace: list[str] = []  # the kind of every request, in order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,9 +140,10 @@ class FaultProxy:
         with self.lock:
             self.stats["requests"] += 1
             self.stats[f"requests: {kind}"] += 1
+            self.trace.append(kind)
             if self.stats["requests"] > self.max_requests:
                 return "503", None
-            if self.kill_pid is not None:
+            if self.kill_pid is not None and self.kill_kind in (None, kind):
                 self.counted += 1
                 if self.counted == self.kill_at:
                     pid, self.kill_pid = self.kill_pid, None
@@ -172,10 +175,11 @@ class FaultProxy:
         finally:
             conn.close()
 
-    def arm(self, pid: int, at: int, after_forward: bool = False) -> None:
-        """SIGKILL ``pid`` at the ``at``-th request from now."""
+    def arm(self, pid: int, at: int, after_forward: bool = False, kind: str | None = None) -> None:
+        """SIGKILL ``pid`` at the ``at``-th request from now (counting only requests of ``kind`` if given)."""
         with self.lock:
             self.kill_pid, self.kill_at, self.kill_after_forward, self.counted = pid, at, after_forward, 0
+            self.kill_kind = kind
             self.killed = None
 
     def disarm(self) -> None:

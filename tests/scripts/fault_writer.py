@@ -15,8 +15,9 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])  # tests/, for faultproxy.s3_options
 
-import autockpt  # noqa: E402
 from faultproxy import s3_options  # noqa: E402
+
+import autockpt  # noqa: E402
 
 url, endpoint, n_saves, floats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 hold = len(sys.argv) > 5 and sys.argv[5] == "hold"
