@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -106,7 +107,8 @@ def main() -> int:
         hostile: Counter[str] = Counter()
         hostile["cases (damaged or hostile checkpoints)"] = len(results)
         for r in results:
-            hostile[f"damage: {r['kind'].split(' at byte')[0].split(' to ')[0].split(' = ')[0]}"] += 1
+            kind = re.sub(r"tensors-\d+-of-\d+\.safetensors", "a payload file", r["kind"])
+            hostile[f"damage: {kind.split(' at byte')[0].split(' to ')[0].split(' = ')[0]}"] += 1
             if r["load"] == "ok" and not r["kind"].startswith("consistent forgery"):
                 hostile["undetected damage"] += 1
             if judge(r):

@@ -40,7 +40,7 @@ def committed_lines(out: str) -> list[int]:
 
 def check_run(url: str, opts: dict[str, Any] | None, history: list[int], keep: int = 2) -> Counter[str]:
     """After a crash: what a new process finds. Counts lost checkpoints, corrupt loads and phantom steps."""
-    figures: Counter[str] = Counter()
+    figures: Counter[str] = Counter({"corrupt loads": 0, "checkpoints lost": 0})
     storage = Storage(url, opts)
     on_disk = sorted(storage.scan().committed)
     figures["phantom checkpoints (committed, never reported, not the one in flight)"] += len(
