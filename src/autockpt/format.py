@@ -19,7 +19,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -466,7 +466,7 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
                 or not isinstance(f.get(CHECKSUM), str):
             raise CorruptCheckpointError(f"{where}: manifest lists an invalid file entry {name!r}")
     for name, t in body["tensors"].items():
-        if not isinstance(t, dict) or t.get("file") not in body["files"]:
+        if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in body["files"]:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} names a file the manifest does not list")
     return body
 
@@ -506,23 +506,3 @@ def new_manifest(
         "tensors": tensors,
         "state": state_tree,
     }
-
-
-def iter_tensor_nodes(node: Any) -> Iterator[Any]:
-    """Names of the tensors a manifest tree refers to (malformed nodes are left to decode_tree)."""
-    children: Any = ()
-    if isinstance(node, list):
-        children = node
-    elif isinstance(node, dict):
-        kind = node.get("type")
-        if kind == "tensor":
-            yield node.get("name")
-        elif kind == "tuple":
-            children = node.get("items", ())
-        elif kind == "dict":
-            items = node.get("items")
-            children = items.values() if isinstance(items, dict) else [v for p in node.get("pairs", ()) for v in p]
-        elif kind == "stateful":
-            children = [node.get("state")]
-    for child in children if isinstance(children, (list, tuple, type({}.values()))) else ():
-        yield from iter_tensor_nodes(child)

@@ -26,7 +26,6 @@ from autockpt.format import (
     CHECKSUM,
     decode_tree,
     is_torch_tensor,
-    iter_tensor_nodes,
     parse_manifest,
     parse_safetensors_header,
     valid_file_name,
@@ -49,7 +48,7 @@ class PayloadFile:
         self._buf: bytearray | None = None
         try:
             if storage.atomic_rename:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                self._fd = storage.open_local(step, name)
                 actual = os.fstat(self._fd).st_size
             else:
                 actual = retry(lambda: self._download(storage, size), f"reading {self.path}")
@@ -246,9 +245,13 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     tensors = manifest["tensors"]
     _check_shards(manifest, where)
     sharded = sharded_tensors(manifest)
-    for name in iter_tensor_nodes(manifest["state"]):
+
+    def listed(name: str, like: Any) -> None:
         if name not in tensors and name not in sharded:
             raise CorruptCheckpointError(f"{where}: the state refers to tensor {name!r} the manifest does not list")
+
+    for key, node in manifest["state"].items():  # the whole tree is well formed (no data read), or we fail here
+        decode_tree(node, listed, (key,))
     ckpt = Checkpoint(step, manifest)
     try:
         for fname, info in manifest["files"].items():

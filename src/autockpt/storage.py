@@ -19,6 +19,7 @@ import posixpath
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -146,11 +147,38 @@ class Storage:
         return listing
 
     # ------------------------------------------------------------------------------------------ reading
+    def open_local(self, step: int, name: str) -> int:
+        """A read-only descriptor of a regular file directly inside a local step directory.
+
+        Symlinks (of the step directory or of the file) are not followed, so a checkpoint never makes autockpt
+        read outside its directory; FIFOs, devices and directories are refused without blocking.
+        """
+        where = self.path(step_dirname(step), name)
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        try:
+            dfd = os.open(self.path(step_dirname(step)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptCheckpointError(f"{where}: the step directory is a symlink or not a directory") from None
+            raise
+        try:
+            fd = os.open(name, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise CorruptCheckpointError(f"{where}: not a regular file (a symlink?)") from None
+            raise
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptCheckpointError(f"{where}: not a regular file")
+        return fd
+
     def read_manifest(self, step: int) -> bytes:
         path = self.path(step_dirname(step), MANIFEST_NAME)
         try:
             if self.atomic_rename:
-                with open(path, "rb") as f:
+                with os.fdopen(self.open_local(step, MANIFEST_NAME), "rb") as f:
                     return f.read(MAX_MANIFEST_BYTES + 1)
             size = retry(lambda: self.fs.size(path), f"reading {path}")
             if size is not None and size > MAX_MANIFEST_BYTES:
@@ -181,8 +209,9 @@ class Storage:
             except FileNotFoundError:
                 return
             for name in sorted(names, key=lambda n: n != MANIFEST_NAME):
-                if name == MANIFEST_NAME or valid_file_name(name):
-                    os.unlink(os.path.join(dirpath, name))
+                path = os.path.join(dirpath, name)
+                if (name == MANIFEST_NAME or valid_file_name(name)) and not stat.S_ISDIR(os.lstat(path).st_mode):
+                    os.unlink(path)  # a directory under one of our names was not written by autockpt: kept
             try:
                 os.rmdir(dirpath)
             except OSError:

@@ -21,13 +21,18 @@ floats = int(sys.argv[4]) if len(sys.argv) > 4 else 20_000
 COUNTED = {"open", "os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.listdir", "os.scandir", "os.fsync"}
 armed = False
 events = 0
+TRACE = os.environ.get("AUTOCKPT_TRACE") == "1"
 
 
 def hook(event: str, args: tuple) -> None:
     global events
     if armed and event in COUNTED:
         events += 1
+        if TRACE:  # for the fault harness: which operation is which
+            sys.stderr.write(f"event {events} {event} {args[0] if args else ''}\n")
         if events == kill_at:
+            sys.stderr.write(f"killed-at {event} {args[0] if args else ''}\n")  # for the fault figures
+            sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
