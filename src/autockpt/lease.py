@@ -142,11 +142,7 @@ class WriterLease:
             except Exception as e:  # a missed heartbeat is retried; the lease lives for ttl seconds
                 log.warning("autockpt: could not renew the writer lease of %s: %r", self.storage.url, e)
 
-    def remove_stale(self) -> None:
-        """Remove the lease of a writer that is gone (a leftover of a crash); a live or own lease stays."""
-        lease = self.read()
-        if lease is None or self._mine(lease) or self.live_other(lease):
-            return
+    def _delete(self) -> None:
         try:
             if self.storage.atomic_rename:
                 os.unlink(self.path)
@@ -154,6 +150,12 @@ class WriterLease:
                 self.storage.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
+
+    def remove_stale(self) -> None:
+        """Remove the lease of a writer that is gone (a leftover of a crash); a live or own lease stays."""
+        lease = self.read()
+        if lease is not None and not self._mine(lease) and not self.live_other(lease):
+            self._delete()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
@@ -166,10 +168,4 @@ class WriterLease:
         self.held = False
         lease = self.read()
         if lease is not None and self._mine(lease):
-            try:
-                if self.storage.atomic_rename:
-                    os.unlink(self.path)
-                else:
-                    self.storage.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+            self._delete()
