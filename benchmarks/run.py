@@ -275,6 +275,68 @@ def bench_end_to_end(work: Path, steps: int, every: int, width: int) -> dict[str
     return {k: statistics.median(v) for k, v in results.items()}
 
 
+# ------------------------------------------------------------------------------------------ 6. frameworks
+def bench_frameworks(work: Path, steps: int, every: int, width: int) -> dict[str, float]:
+    """The same ~50M-parameter MLP trained by Lightning and by Keras: no checkpoints, the built-in, ours."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from autockpt.integrations.keras import AutoCheckpoint as KerasAuto
+    from autockpt.integrations.lightning import AutoCheckpoint as LightningAuto
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(width, width),
+                                                                            torch.nn.ReLU())])
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+    x = torch.randn(64 * steps, width)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
+
+    def lightning_fit(kind: str) -> float:
+        d = work / f"pl_{kind}"
+        shutil.rmtree(d, ignore_errors=True)
+        cbs: list[Any] = {"none": [], "ModelCheckpoint": [ModelCheckpoint(dirpath=d, every_n_train_steps=every)],
+                          "autockpt": [LightningAuto(str(d), every_n_train_steps=every, max_to_keep=2)]}[kind]
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=cbs,
+                             enable_checkpointing=kind == "ModelCheckpoint", enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(d))
+        torch.manual_seed(0)
+        t = timed(lambda: trainer.fit(Net(), loader))
+        shutil.rmtree(d, ignore_errors=True)
+        return t
+
+    xs = x.numpy()
+
+    def keras_fit(kind: str) -> float:
+        d = work / f"keras_{kind}"
+        shutil.rmtree(d, ignore_errors=True)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((width,))] + [keras.layers.Dense(width, activation="relu")
+                                                             for _ in range(4)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+        cbs: list[Any] = {"none": [], "BackupAndRestore": [keras.callbacks.BackupAndRestore(str(d), save_freq=every)],
+                          "autockpt": [KerasAuto(str(d), save_freq=every, max_to_keep=2)]}[kind]
+        t = timed(lambda: model.fit(xs, xs, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=cbs))
+        shutil.rmtree(d, ignore_errors=True)
+        return t
+
+    out: dict[str, float] = {}
+    for kind in ("none", "ModelCheckpoint", "autockpt"):
+        out[f"Lightning, {kind}"] = lightning_fit(kind)
+    for kind in ("none", "BackupAndRestore", "autockpt"):
+        out[f"Keras, {kind}"] = keras_fit(kind)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ 5. S3
 def bench_s3(state: dict[str, torch.Tensor], work: Path, repeats: int) -> tuple[dict[str, float], float]:
     import socket
@@ -351,7 +413,7 @@ def main() -> None:
     ap.add_argument("--e2e-width", type=int, default=3584, help="4 Linear(w, w): 3584 gives ~51M parameters")
     ap.add_argument("--e2e-steps", type=int, default=60)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir on the same disk)")
-    ap.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 3,4")
+    ap.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run, e.g. 3,4")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="autockpt-bench-", dir=str(HERE)))
@@ -408,9 +470,16 @@ def main() -> None:
             baselines[t] = "raw s3fs pipe_file"
             md.append(table(t, s3, baselines[t], extra={k: f"{nbytes / v / 1e6:.0f} MB/s" for k, v in s3.items()}))
             print(md[-1], flush=True)
+        if "6" in want:
+            t = (f"6. frameworks, {args.e2e_steps} steps of a 4x Linear({args.e2e_width}) MLP + Adam, "
+                 "checkpoint every 20")
+            sections[t] = bench_frameworks(work, args.e2e_steps, 20, args.e2e_width)
+            baselines[t] = "Lightning, none"
+            md.append(table(t, sections[t], baselines[t]))
+            print(md[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        tag = "" if want == {"1", "2", "3", "4", "5"} else "-s" + "".join(sorted(want))
+        tag = "" if want == {"1", "2", "3", "4", "5", "6"} else "-s" + "".join(sorted(want))
         (RESULTS / f"RESULTS{tag}.md").write_text("\n".join(md))
         (RESULTS / f"results{tag}.json").write_text(json.dumps(sections, indent=1))
         if sections:
