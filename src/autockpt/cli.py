@@ -38,7 +38,7 @@ from autockpt.errors import (
     InvalidArgumentError,
 )
 from autockpt.progress import format_bytes
-from autockpt.reader import open_checkpoint, read_manifest
+from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
 from autockpt.storage import Storage, step_dirname
 
@@ -227,14 +227,10 @@ def _infos(storage: Storage, steps: Sequence[int]) -> tuple[list[CheckpointInfo]
 
 def _sizes_ok(storage: Storage, step: int, manifest: dict[str, Any]) -> str | None:
     """None if every payload file has its recorded size, else what is wrong."""
-    for fname, info in manifest["files"].items():
-        path = storage.path(step_dirname(step), fname)
-        try:
-            size = os.path.getsize(path) if storage.atomic_rename else storage.fs.size(path)
-        except FileNotFoundError:
-            return f"{fname} is missing"
-        if size != info["size"]:
-            return f"{fname} has {size} bytes, the manifest says {info['size']}"
+    try:
+        check_sizes(storage, step, manifest)
+    except CorruptCheckpointError as e:
+        return str(e)
     return None
 
 

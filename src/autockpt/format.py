@@ -128,7 +128,7 @@ def tensor_bytes(value: Any) -> memoryview:
         t = value.detach()
         if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided and not t.is_quantized \
                 and not t.is_conj() and not t.is_neg():
-            if t.dtype in _NUMPY_VIEWABLE and t.numel():  # the fast path: no torch calls beyond numpy()
+            if str(t.dtype) in _NUMPY_VIEWABLE and t.numel():  # the fast path: no torch calls beyond numpy()
                 return memoryview(t.numpy()).cast("B") if t.dim() else memoryview(t.numpy().reshape(1)).cast("B")
         elif t.layout != torch.strided or t.is_quantized:
             raise UnsupportedValueError(f"tensor layout {t.layout} (quantized={t.is_quantized}) is not supported")
@@ -142,16 +142,9 @@ def tensor_bytes(value: Any) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-class _Viewable:
-    """torch dtypes whose CPU tensors numpy() can view directly (resolved lazily: torch may not be loaded)."""
-
-    def __contains__(self, dtype: Any) -> bool:
-        name = str(dtype)
-        return name in ("torch.float64", "torch.float32", "torch.float16", "torch.int64", "torch.int32",
-                        "torch.int16", "torch.int8", "torch.uint8", "torch.bool", "torch.complex64")
-
-
-_NUMPY_VIEWABLE = _Viewable()
+# torch dtypes whose CPU tensors numpy() can view directly (by name: torch may not be imported)
+_NUMPY_VIEWABLE = frozenset({"torch.float64", "torch.float32", "torch.float16", "torch.int64", "torch.int32",
+                             "torch.int16", "torch.int8", "torch.uint8", "torch.bool", "torch.complex64"})
 
 
 # --------------------------------------------------------------------------------------------- tree encoding

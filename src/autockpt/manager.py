@@ -36,7 +36,7 @@ from autockpt.format import (
 )
 from autockpt.lease import WriterLease
 from autockpt.progress import ProgressReporter
-from autockpt.reader import open_checkpoint, read_manifest
+from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
 from autockpt.storage import CheckpointWriter, Storage, step_dirname, transient
 
@@ -158,18 +158,8 @@ class CheckpointManager:
             self._manifests[step] = read_manifest(self.storage, step)
         return self._manifests[step]
 
-    def _files_present(self, step: int, manifest: dict[str, Any]) -> None:
-        for fname, info in manifest["files"].items():
-            path = self.storage.path(step_dirname(step), fname)
-            try:
-                size = os.path.getsize(path) if self.storage.atomic_rename else self.storage.fs.size(path)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(f"{path} is missing") from None
-            if size != info["size"]:
-                raise CorruptCheckpointError(f"{path} has {size} bytes, the manifest says {info['size']}")
-
     def _check_files(self, step: int) -> None:
-        self._files_present(step, self._manifest(step))
+        check_sizes(self.storage, step, self._manifest(step))
 
     @property
     def latest_step(self) -> int | None:

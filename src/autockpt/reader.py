@@ -229,6 +229,19 @@ def _check_shards(manifest: dict[str, Any], where: str) -> None:
         raise CorruptCheckpointError(f"{where}: malformed shard entries: {e!r}") from None
 
 
+def check_sizes(storage: Storage, step: int, manifest: dict[str, Any]) -> None:
+    """Raise CorruptCheckpointError unless every payload file exists with its recorded size (no data read)."""
+    where = f"{storage.url} {step_dirname(step)}"
+    for fname, info in manifest["files"].items():
+        path = storage.path(step_dirname(step), fname)
+        try:
+            size = os.path.getsize(path) if storage.atomic_rename else storage.fs.size(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{where}: {fname} is missing") from None
+        if size != info["size"]:
+            raise CorruptCheckpointError(f"{where}: {fname} has {size} bytes, the manifest says {info['size']}")
+
+
 def read_manifest(storage: Storage, step: int) -> dict[str, Any]:
     where = f"{storage.url} {step_dirname(step)}"
     manifest = parse_manifest(storage.read_manifest(step), where)

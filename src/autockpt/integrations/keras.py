@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from autockpt.errors import InvalidArgumentError, StateMismatchError
+from autockpt.format import is_stateful
 from autockpt.integrations import _keras_internals as internals
 from autockpt.manager import CheckpointManager
 from autockpt.preemption import PreemptionWatcher
@@ -182,7 +183,7 @@ def _callback_states(callbacks: Iterable[Any]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for cb in callbacks:
         cls = type(cb).__name__
-        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+        if is_stateful(cb):
             state = cb.state_dict()
         elif cls in _CALLBACK_ATTRS:
             state = {a: _plain(getattr(cb, a)) for a in _CALLBACK_ATTRS[cls] if hasattr(cb, a)}
@@ -199,7 +200,7 @@ def _restore_callbacks(callbacks: Iterable[Any], saved: dict[str, Any]) -> None:
     seen = set()
     for cb in callbacks:
         cls = type(cb).__name__
-        stateful = callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+        stateful = is_stateful(cb)
         if not stateful and cls not in _CALLBACK_ATTRS:
             continue
         key = f"{cls}_{counts.get(cls, 0)}"

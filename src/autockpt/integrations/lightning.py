@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError, StateMismatchError
+from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
 from autockpt.reader import load
@@ -155,10 +156,6 @@ def _flat_loaders(obj: Any) -> list[Any]:
     if isinstance(obj, (list, tuple)):
         return [x for v in obj for x in _flat_loaders(v)]
     return [obj]
-
-
-def _is_stateful(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 # --------------------------------------------------------------------------------- the callback
@@ -330,7 +327,7 @@ class AutoCheckpoint(_Base):
         unwrappable = []
         for dl in _flat_loaders(trainer.train_dataloader):
             bs = getattr(dl, "batch_sampler", None)
-            if _is_stateful(dl):
+            if is_stateful(dl):
                 continue  # Lightning saves and restores its position itself
             if type(bs) is torch.utils.data.BatchSampler:
                 if not isinstance(bs.sampler, _ResumableSampler):
