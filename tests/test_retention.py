@@ -155,7 +155,7 @@ def test_kept_set_always_equals_the_policy(policy: RetentionPolicy, ops: list[tu
                 mgr = autockpt.CheckpointManager(d, **kwargs)
                 assert not os.path.exists(leftover)
             elif kind == "crash_prune":  # committed, then the process died before pruning
-                def die(self: Any, just_saved: int) -> None:
+                def die(self: Any, *args: Any) -> None:
                     raise _CrashBeforePrune
                 with monkeypatch.context() as m:
                     m.setattr(autockpt.CheckpointManager, "_prune", die)

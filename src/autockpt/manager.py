@@ -245,14 +245,14 @@ class CheckpointManager:
             _sync_devices(entries)
             self._thread = threading.Thread(
                 target=self._write_in_background,
-                args=(step, tree, entries, clean_metrics, clean_metadata, run_start),
+                args=(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed)),
                 name=f"autockpt-save-{step}",
                 daemon=True,
             )
             self._thread.start()
         else:
             try:
-                self._write(step, tree, entries, clean_metrics, clean_metadata, run_start)
+                self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed))
             except SaveError as e:
                 self._failed(e)
                 return False
@@ -310,7 +310,9 @@ class CheckpointManager:
         metrics: dict[str, float | None],
         metadata: dict[str, Any],
         run_start: float,
+        committed: set[int],
     ) -> None:
+        """Write and commit one checkpoint, then prune; ``committed`` is what was on storage before it."""
         t0 = time.perf_counter()
         total = sum(e.nbytes for e in entries)
         try:
@@ -341,7 +343,7 @@ class CheckpointManager:
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
         if self._coord.is_writer:
-            self._prune(step)
+            self._prune(step, committed | {step})
 
     def _stage(self, entry: TensorEntry) -> Any:
         """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
@@ -370,9 +372,11 @@ class CheckpointManager:
             self._failures += 1
             self._error = e
 
-    def _prune(self, just_saved: int) -> None:
+    def _prune(self, just_saved: int, committed: set[int]) -> None:
+        """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
+        manager the only writer, so it is what was listed before the save plus the step just saved."""
         infos = []
-        for step in self.storage.scan().committed:
+        for step in sorted(committed):
             try:
                 m = self._manifest(step)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
