@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,34 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+# One seed for every randomized test of a session: AUTOCKPT_SEED replays a failure, else a new one is drawn.
+SEED = int(os.environ.get("AUTOCKPT_SEED") or random.SystemRandom().randrange(2**31))
+os.environ["AUTOCKPT_SEED"] = str(SEED)  # subprocesses of a test see the same seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"autockpt: AUTOCKPT_SEED={SEED} (set it to replay this run's random choices)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # hypothesis draws from the same seed, so AUTOCKPT_SEED replays its examples too
+    if getattr(config.option, "hypothesis_seed", "absent") is None:
+        config.option.hypothesis_seed = SEED
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"replay with AUTOCKPT_SEED={SEED}"))
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """This test's seed: derived from AUTOCKPT_SEED and the test's name, so tests do not share draws."""
+    return random.Random(f"{SEED}:{request.node.nodeid}").randrange(2**31)
 
 
 def _free_port() -> int:
