@@ -255,6 +255,43 @@ def test_keras_internals_pinned() -> None:
         assert seen["kind"] == "0" and seen["data_it"] == "_SingleProcessDataLoaderIter"
 
 
+def test_keras_hook_internals_pinned() -> None:
+    """fit calls hooks through its CallbackList instance and asks model._should_eval (see _keras_internals)."""
+    order: list[str] = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs: object = None) -> None:
+            loc = internals.find_fit_locals(self.model)
+            assert loc is not None
+
+            def after_epoch_end(original: Any, epoch: int, logs: object = None) -> None:
+                original(epoch, logs)
+                order.append(f"after all on_epoch_end {epoch}")
+                internals.skip_validation(self.model, epoch == 0)  # validate epoch 0 and 2, not epoch 1
+
+            self.undo = internals.intercept(loc["callbacks"], {"on_epoch_end": after_epoch_end})
+
+        def on_epoch_end(self, epoch: int, logs: object = None) -> None:
+            order.append(f"probe {epoch}")
+
+        def on_test_begin(self, logs: object = None) -> None:
+            order.append("validation")
+
+        def on_train_end(self, logs: object = None) -> None:
+            self.undo()
+            internals.skip_validation(self.model, False)
+
+    later = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: order.append(f"later {epoch}"))
+    x, y = keras_train.data()
+    model = keras_train.build()
+    model.fit(x[:32], y[:32], batch_size=16, epochs=3, validation_data=(x[:16], y[:16]), callbacks=[Probe(), later],
+              verbose=0)
+    assert order == ["validation", "probe 0", "later 0", "after all on_epoch_end 0",
+                     "probe 1", "later 1", "after all on_epoch_end 1",
+                     "validation", "probe 2", "later 2", "after all on_epoch_end 2"], order
+    assert "_should_eval" not in model.__dict__
+
+
 def test_stop_training_mid_epoch_by_another_callback_is_not_an_epoch_done(tmp_path: Path) -> None:
     class StopAt(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: object = None) -> None:
