@@ -12,6 +12,7 @@ EarlyStopping and ReduceLROnPlateau) or, for ``restore``, by a profile hook:
 - ``train_end:SIG:0``       in the Signaller's ``on_train_end`` (the very end of training)
 - ``inflight_batch:SIG:S``  at the batch after step S, while the (async) save of step S is being written
 - ``inflight_epoch:SIG:E``  at the start of epoch E, while the save of epoch E-1's end is being written
+  (``HoldWrites`` keeps that save's thread at its first fsync until the signal is sent)
 
 Prints ``BATCH <epoch> <batch>`` per trained batch, ``VAL <epoch>`` per validation, ``EPOCH_END <epoch>`` per
 ``on_epoch_end``, ``INFLIGHT <step> <yes|no>`` when it signals during a save, and ``AFTER FIT`` after writing
@@ -25,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -56,31 +58,58 @@ def build() -> keras.Model:
     return model
 
 
+class HoldWrites:
+    """Holds every thread but the main one at its next ``os.fsync`` while ``holding`` (a profile hook for the
+    threads started after ``install``): a background save is then certainly still in flight."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.released = threading.Event()
+
+    def install(self) -> None:
+        threading.setprofile(self._hook)
+
+    def _hook(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and arg is os.fsync and self.holding:
+            self.released.wait(60)
+
+    def release(self) -> None:
+        self.holding = False
+        self.released.set()
+
+
 class Signaller(keras.callbacks.Callback):
     def __init__(self, ck: autockpt_keras.AutoCheckpoint, name: str, sig: int, n: int) -> None:
         super().__init__()
         self.ck, self.name, self.sig, self.n = ck, name, sig, n
         self.epoch = -1
-        self.in_validation = False
+        self.hold = HoldWrites()
+        self.hold.install()
+
+    def _steps(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def _send(self, inflight: int | None = None) -> None:
         if inflight is not None:
             done = inflight in self.ck.manager.all_steps()
             print(f"INFLIGHT {inflight} {'no' if done else 'yes'}", flush=True)
         os.kill(os.getpid(), self.sig)
+        self.hold.release()
         self.name = "sent"
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epoch = epoch
         if self.name == "inflight_epoch" and epoch == self.n:
-            self._send(inflight=self.ck._global)
+            self._send(inflight=self._steps())
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        if self.name == "inflight_batch" and self.ck._global == self.n:
+        if self.name == "inflight_batch" and self._steps() == self.n:
             self._send(inflight=self.n)
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         print(f"BATCH {self.epoch} {batch}", flush=True)
+        if self.name == "inflight_batch" and self._steps() == self.n:
+            self.hold.holding = True  # AutoCheckpoint saves step n after this hook: hold that write
 
     def on_test_begin(self, logs: Any = None) -> None:
         print(f"VAL {self.epoch}", flush=True)
@@ -91,6 +120,8 @@ class Signaller(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         print(f"EPOCH_END {epoch}", flush=True)
+        if self.name == "inflight_epoch" and epoch + 1 == self.n:
+            self.hold.holding = True  # the epoch-end save comes after this hook: hold that write
         if self.name == "epoch_end" and epoch == self.n:
             self._send()
 

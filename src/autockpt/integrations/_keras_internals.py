@@ -88,11 +88,14 @@ def intercept(callbacks: Any, hooks: dict[str, Callable[..., None]]) -> Callable
     ``callbacks`` is fit's ``CallbackList``; returns a function that puts the originals back.
     """
     for name, hook in hooks.items():
+        if getattr(callbacks.__dict__.get(name), "_autockpt_routed", False):  # left by a fit that raised
+            del callbacks.__dict__[name]
         original = getattr(callbacks, name)
 
         def routed(*args: Any, _hook: Callable[..., None] = hook, _original: Any = original, **kwargs: Any) -> None:
             _hook(_original, *args, **kwargs)
 
+        routed._autockpt_routed = True  # type: ignore[attr-defined]
         setattr(callbacks, name, routed)
 
     def undo() -> None:

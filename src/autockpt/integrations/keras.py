@@ -274,11 +274,13 @@ def _name_variables(error: StateMismatchError, state: dict[str, Any]) -> StateMi
         return f"{m.group(0)} {path}{entry[m.end():]}"
 
     lists = {what: [named(e) for e in getattr(error, what)] for what in ("missing", "unexpected", "mismatched")}
+    if all(lists[what] == getattr(error, what) for what in lists):  # nothing numbered (e.g. the metrics' check)
+        return error
     parts = [f"{what}: {', '.join(keys[:20])}" + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
              for what, keys in lists.items() if keys]
     message = ("the checkpoint does not fit this model; nothing was restored. " + "; ".join(parts) + ". Build "
                "the model and optimizer with the same code as the run that saved it, or use a new directory.")
-    return StateMismatchError(message if parts else str(error), **lists)
+    return StateMismatchError(message, **lists)
 
 
 def _mode_for(monitor: str, mode: str) -> str:
@@ -433,18 +435,19 @@ class AutoCheckpoint(keras.callbacks.Callback):
         foreign_stop = self._stopped_mid_epoch and not self._preempted_mid_epoch
         saved = self._progress() != self._saved and not foreign_stop and self._save(logs)
         self.manager.wait_until_finished()
+        newest = "none" if self._newest is None else f"step {self._newest}"
         if saved:
             log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self._global, where,
                         self.exit_code)
-        elif self._newest is None:
+        elif self._progress() == self._saved and self._newest is None:
             log.warning("autockpt: %s: no step completed and %s holds no checkpoint; stopping (exit code %d)",
                         name, where, self.exit_code)
         elif self._progress() == self._saved:
             log.warning("autockpt: %s: no step completed since step %d (the newest checkpoint in %s); stopping "
                         "(exit code %d)", name, self._newest, where, self.exit_code)
         else:  # another callback stopped mid-epoch, or the save failed (it warned why)
-            log.warning("autockpt: %s: step %d is not saved; the newest checkpoint in %s is step %d; stopping "
-                        "(exit code %d)", name, self._global, where, self._newest, self.exit_code)
+            log.warning("autockpt: %s: step %d is not saved; the newest checkpoint in %s: %s; stopping "
+                        "(exit code %d)", name, self._global, where, newest, self.exit_code)
 
     def _restore(self) -> None:
         assert self._state is not None
@@ -500,6 +503,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._reset_run()
         self.preempted = False
+        internals.set_initial_epoch(self.model, None)  # nothing left from a fit that raised
+        internals.skip_validation(self.model, False)
         self.watcher = PreemptionWatcher(self.watcher.signals).install()  # first: a signal in the restore counts
         try:
             self._fit = internals.find_fit_locals(self.model)
