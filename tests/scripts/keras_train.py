@@ -2,7 +2,9 @@
 
 Usage: keras_train.py DIRECTORY OUT_PREFIX DATA(numpy|pydataset) [SLEEP]
 Prints "BATCH <global batch>" after every batch, "RESUMED <epoch> <batch>" after a restore, and
-"DONE"/"PREEMPTED" at the end; writes OUT_PREFIX.npz (final weights) and OUT_PREFIX.json (History).
+"DONE"/"PREEMPTED" at the end; writes OUT_PREFIX.npz (final weights) and OUT_PREFIX.json (History). A
+SIGTERM ends it with exit code 143 once the checkpoint is committed (AutoCheckpoint's default), before
+anything after ``fit`` runs.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Report(keras.callbacks.Callback):
         self.first = False
 
     def on_train_batch_end(self, batch: int, logs: object = None) -> None:
-        print(f"BATCH {self.ckpt._global}", flush=True)
+        print(f"BATCH {int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))}", flush=True)
         time.sleep(self.sleep)
 
 

@@ -17,6 +17,11 @@ What we rely on:
    (needed before reading them in a batch callback).
 4. A single-process map-style ``torch.utils.data.DataLoader`` iterator (what Keras builds for NumPy arrays
    on the torch backend) can move to its next batch with ``_next_index()`` without reading the data.
+5. ``Model.fit`` calls every hook through its ``CallbackList`` instance (``callbacks.on_epoch_end(epoch,
+   logs)`` and so on), so an attribute of that instance set in ``on_train_begin`` runs instead, for that fit
+   only: this is how autockpt acts after every callback's hook, whatever the order of ``callbacks=``.
+6. At each epoch end ``Model.fit`` validates only if ``self._should_eval(epoch, validation_freq)`` is true;
+   an instance attribute of that name skips the validation of an epoch stopped by preemption.
 """
 
 from __future__ import annotations
@@ -75,6 +80,37 @@ def sync_backend_state(model: Any) -> None:
 def set_initial_epoch(model: Any, epoch: int | None) -> None:
     """Make the running ``fit`` start at ``epoch`` (call from ``on_train_begin``); None clears it."""
     model._initial_epoch = epoch
+
+
+def intercept(callbacks: Any, hooks: dict[str, Callable[..., None]]) -> Callable[[], None]:
+    """Route ``callbacks.<name>(*args)`` of the running fit through ``hooks[name](original, *args)``.
+
+    ``callbacks`` is fit's ``CallbackList``; returns a function that puts the originals back.
+    """
+    for name, hook in hooks.items():
+        if getattr(callbacks.__dict__.get(name), "_autockpt_routed", False):  # left by a fit that raised
+            del callbacks.__dict__[name]
+        original = getattr(callbacks, name)
+
+        def routed(*args: Any, _hook: Callable[..., None] = hook, _original: Any = original, **kwargs: Any) -> None:
+            _hook(_original, *args, **kwargs)
+
+        routed._autockpt_routed = True  # type: ignore[attr-defined]
+        setattr(callbacks, name, routed)
+
+    def undo() -> None:
+        for name in hooks:
+            callbacks.__dict__.pop(name, None)
+
+    return undo
+
+
+def skip_validation(model: Any, skip: bool) -> None:
+    """Make the running fit skip (``skip=True``) or run as usual (False) the validation of this epoch."""
+    if skip:
+        model._should_eval = lambda epoch, validation_freq: False
+    else:
+        model.__dict__.pop("_should_eval", None)
 
 
 def _advance(data_iterator: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ _CALLBACK_ATTRS: dict[str, tuple[str, ...]] = {
     "EarlyStopping": ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
     "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
     "ModelCheckpoint": ("best", "_batches_seen_since_last_saving", "_last_batch_seen"),
+    "History": ("epoch", "history"),  # so that model.history after a resume holds the earlier epochs too
 }
 
 
@@ -170,10 +172,14 @@ class _Stash:
 
 
 def _plain(v: Any) -> Any:
+    """A callback attribute or a logged value as plain values and NumPy arrays (what a checkpoint holds)."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    if isinstance(v, (list, tuple)):
-        return [_np(x) for x in v]  # e.g. EarlyStopping.best_weights
+    if isinstance(v, dict):  # e.g. History.history: {"loss": [0.3, 0.2], ...}
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):  # e.g. EarlyStopping.best_weights (arrays), History.epoch (ints)
+        return [x if x is None or isinstance(x, (bool, int, float, str)) else
+                x.item() if isinstance(x, np.generic) else _np(x) for x in v]
     arr = _np(v)
     return arr.item() if arr.ndim == 0 else arr
 
@@ -248,6 +254,35 @@ def keras_state(model: Any, _strict: bool = False) -> dict[str, Any]:
     }
 
 
+_KEY = re.compile(r"^(model|optimizer)/(\d+)\b")
+
+
+def _name_variables(error: StateMismatchError, state: dict[str, Any]) -> StateMismatchError:
+    """``error`` with ``model/0003`` (the stored key) named by the variable's path, ``model/0003 dense/kernel``.
+
+    Keys stay numbered on storage: Keras' auto-generated paths (``dense_1``) change with what else the
+    process built, so they cannot identify a variable across processes, but they name it for a person.
+    """
+
+    def named(entry: str) -> str:
+        m = _KEY.match(entry)
+        if m is None:
+            return entry
+        variables = state[m.group(1)].variables
+        i = int(m.group(2))
+        path = variables[i].path if i < len(variables) else "(beyond the model's last variable)"
+        return f"{m.group(0)} {path}{entry[m.end():]}"
+
+    lists = {what: [named(e) for e in getattr(error, what)] for what in ("missing", "unexpected", "mismatched")}
+    if all(lists[what] == getattr(error, what) for what in lists):  # nothing numbered (e.g. the metrics' check)
+        return error
+    parts = [f"{what}: {', '.join(keys[:20])}" + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+             for what, keys in lists.items() if keys]
+    message = ("the checkpoint does not fit this model; nothing was restored. " + "; ".join(parts) + ". Build "
+               "the model and optimizer with the same code as the run that saved it, or use a new directory.")
+    return StateMismatchError(message, **lists)
+
+
 def _mode_for(monitor: str, mode: str) -> str:
     if mode != "auto":
         return mode
@@ -267,15 +302,23 @@ class AutoCheckpoint(keras.callbacks.Callback):
         keep_best: how many best checkpoints to keep when ``monitor`` is set.
         async_save: write in a background thread (see ``CheckpointManager``).
         storage_options: passed to fsspec.
-        signals: signals that save at the end of the current batch and stop training (SIGTERM, SIGUSR1).
+        signals: signals that save the newest completed batch and stop training (SIGTERM, SIGUSR1).
+        exit_on_preemption: after such a signal stopped training and its checkpoint is committed, leave the
+            process with ``SystemExit(128 + signal)`` (143 for SIGTERM) once ``fit`` has finished its
+            teardown, so that a scheduler requeues the job and code after ``fit`` does not run on a
+            half-trained model. ``False`` (notebooks) lets ``fit`` return; ``preempted`` and ``exit_code``
+            tell what happened either way.
 
     Restores, at the start of ``fit``: model variables (weights, seed generators), optimizer variables
     (iterations, so learning-rate schedules continue; moments), the epoch and the batch inside it, the
-    running metrics, Python/NumPy/torch/Keras RNGs, and the state of ``EarlyStopping``, ``ReduceLROnPlateau``,
-    ``ModelCheckpoint`` and any callback with ``state_dict()``/``load_state_dict()``. A mid-epoch resume
-    replays the epoch's shuffle and skips the batches already trained on without training on them (for
-    NumPy arrays on the torch backend, without even reading them); NumPy arrays and ``PyDataset``\\s need no
-    wrapper. Python generators are skipped by drawing their first batches, so they must be deterministic.
+    running metrics, Python/NumPy/torch/Keras RNGs, ``model.history`` (the epochs of earlier processes), and
+    the state of ``EarlyStopping``, ``ReduceLROnPlateau``, ``ModelCheckpoint`` and any callback with
+    ``state_dict()``/``load_state_dict()``. Checkpoints are taken after every callback's hook ran, so the
+    order of ``callbacks=`` does not matter. A run that a callback stopped (``EarlyStopping``) is finished:
+    running it again trains nothing. A mid-epoch resume replays the epoch's shuffle and skips the batches
+    already trained on without training on them (for NumPy arrays on the torch backend, without even
+    reading them); NumPy arrays and ``PyDataset``\\s need no wrapper. Python generators are skipped by drawing
+    their first batches, so they must be deterministic.
 
     ```python
     import keras, numpy as np
@@ -301,6 +344,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
+        exit_on_preemption: bool = True,
     ) -> None:
         super().__init__()
         if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
@@ -310,9 +354,12 @@ class AutoCheckpoint(keras.callbacks.Callback):
             raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
         if mode not in ("auto", "min", "max"):
             raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if not isinstance(exit_on_preemption, bool):
+            raise InvalidArgumentError(f"exit_on_preemption must be True or False, got {exit_on_preemption!r}")
         best = KeepBest(monitor, _mode_for(monitor, mode), keep_best) if monitor is not None else None  # type: ignore[arg-type]
         self.save_freq = save_freq
         self.monitor = monitor
+        self.exit_on_preemption = exit_on_preemption
         self.watcher = PreemptionWatcher(signals)
         self.manager = CheckpointManager(
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
@@ -323,30 +370,46 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.preempted = False
         self._reset_run()
 
+    @property
+    def exit_code(self) -> int:
+        """0 unless a signal stopped the last ``fit``; then ``128 + signal number`` (143 for SIGTERM)."""
+        sig = self.watcher.received
+        return 128 + int(sig) if self.preempted and sig is not None else 0
+
     def _reset_run(self) -> None:
         self._epoch = 0
         self._batch = 0  # batches done in the current epoch
         self._global = 0  # batches done in the whole run
+        self._finished = False  # a callback ended the run at an epoch end
         self._epoch_rng: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None
         self._fit: dict[str, Any] | None = None
         self._state: dict[str, Any] | None = None
         self._stopped_mid_epoch = False
+        self._preempted_mid_epoch = False
         self._due_at_epoch_end = False
         self._restart_epoch = False
+        self._stopping = False
+        self._ending = False
+        self._undo_hooks: Any = None
+        self._saved: tuple[int, int, int, bool] = (0, 0, 0, False)  # the progress the newest checkpoint holds
+        self._newest: int | None = None  # the newest checkpoint's step
 
     # ---------------------------------------------------------------- state
+    def _progress(self) -> tuple[int, int, int, bool]:
+        return (self._global, self._epoch, self._batch, self._finished)
+
     def _callbacks(self) -> list[Any]:
         if self._fit is None or self._fit.get("callbacks") is None:
             return []
         return [cb for cb in getattr(self._fit["callbacks"], "callbacks", []) if cb is not self]
 
-    def _save(self, logs: dict[str, Any] | None, force: bool = False) -> None:
+    def _save(self, logs: dict[str, Any] | None) -> bool:
         assert self._state is not None
         internals.sync_backend_state(self.model)
         self._state["progress"].value = {
             "epoch": self._epoch, "batch": self._batch, "global_batch": self._global,
-            "epoch_rng": self._epoch_rng,
+            "epoch_rng": self._epoch_rng, "finished": self._finished,
         }
         self._state["callbacks"].value = _callback_states(self._callbacks())
         metrics = {}
@@ -354,45 +417,167 @@ class AutoCheckpoint(keras.callbacks.Callback):
             v = _plain(v)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 metrics[k] = v
-        self.manager.save(self._global, self._state, metrics=metrics, force=force,
-                          metadata={"epoch": self._epoch, "batch": self._batch})
+        saved = self.manager.save(self._global, self._state, metrics=metrics, force=True,
+                                  metadata={"epoch": self._epoch, "batch": self._batch})
+        if saved:
+            self._saved, self._newest = self._progress(), self._global
+        return saved
+
+    def _stop_for_signal(self, logs: dict[str, Any] | None) -> None:
+        """A watched signal arrived: save the newest completed step if it is not saved, stop, say which."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.preempted = True
+        self.model.stop_training = True
+        where = self.manager.directory
+        name = signal.Signals(self.watcher.received).name if self.watcher.received else "signal"
+        foreign_stop = self._stopped_mid_epoch and not self._preempted_mid_epoch
+        saved = self._progress() != self._saved and not foreign_stop and self._save(logs)
+        self.manager.wait_until_finished()
+        newest = "none" if self._newest is None else f"step {self._newest}"
+        if saved:
+            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self._global, where,
+                        self.exit_code)
+        elif self._progress() == self._saved and self._newest is None:
+            log.warning("autockpt: %s: no step completed and %s holds no checkpoint; stopping (exit code %d)",
+                        name, where, self.exit_code)
+        elif self._progress() == self._saved:
+            log.warning("autockpt: %s: no step completed since step %d (the newest checkpoint in %s); stopping "
+                        "(exit code %d)", name, self._newest, where, self.exit_code)
+        else:  # another callback stopped mid-epoch, or the save failed (it warned why)
+            log.warning("autockpt: %s: step %d is not saved; the newest checkpoint in %s: %s; stopping "
+                        "(exit code %d)", name, self._global, where, newest, self.exit_code)
+
+    def _restore(self) -> None:
+        assert self._state is not None
+        try:
+            self.restored_step = self.manager.restore(self._state)
+        except StateMismatchError as e:
+            raise _name_variables(e, self._state) from None
+        where = self.manager.directory
+        if self.restored_step is None:
+            log.info("autockpt: no checkpoint in %s; starting fresh", where)
+            return
+        prog = self._state["progress"].loaded
+        self._resume = {"progress": prog, "callbacks": self._state["callbacks"].loaded}
+        self._epoch, self._batch, self._global = prog["epoch"], prog["batch"], prog["global_batch"]
+        self._finished = bool(prog.get("finished", False))
+        self._saved, self._newest = self._progress(), self.restored_step
+        epochs = self.params.get("epochs") if self.params else None
+        if self._finished:
+            log.info("autockpt: resumed from step %d of %s: the run finished (a callback stopped it after epoch "
+                     "%d); nothing to train", self.restored_step, where, self._epoch)
+            internals.set_initial_epoch(self.model, max(self._epoch, epochs or 0) or 2**62)
+            return
+        iterator = None if self._fit is None else self._fit.get("epoch_iterator")
+        if self._batch > 0 and iterator is None:
+            log.warning(
+                "autockpt: cannot resume epoch %d at batch %d here (this fit does not expose its data "
+                "iterator); the epoch restarts from its first batch, so %d batches are trained on twice. "
+                "Use save_freq='epoch' to avoid this.", self._epoch, self._batch, self._batch)
+            self._global -= self._batch
+            self._batch = 0
+            self._restart_epoch = True
+            self._saved = self._progress()  # nothing new to save before a batch completes
+        elif self._batch > 0:
+            caveat = internals.mid_epoch_caveat(iterator)
+            if caveat is not None:
+                log.warning(
+                    "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
+                    "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
+                    "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
+        internals.set_initial_epoch(self.model, self._epoch)
+        log.info("autockpt: resumed from step %d of %s (epoch %d, batch %d)", self.restored_step, where,
+                 self._epoch, self._batch)
+
+    def _restore_callbacks(self) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            _restore_callbacks(self._callbacks(), resume["callbacks"] or {})
 
     # ---------------------------------------------------------------- hooks
+    # With fit's CallbackList found, autockpt acts around the hooks of all callbacks (before every
+    # on_epoch_begin, after every on_train_batch_end/on_epoch_end/on_train_end); its own hooks then do
+    # nothing. Without it (an unknown trainer), its own hooks act, and their place in callbacks= matters.
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._reset_run()
         self.preempted = False
-        self._fit = internals.find_fit_locals(self.model)
-        self._state = keras_state(self.model, _strict=True)
-        self.restored_step = self.manager.restore(self._state)
-        if self.restored_step is not None:
-            prog = self._state["progress"].loaded
-            self._resume = {"progress": prog, "callbacks": self._state["callbacks"].loaded}
-            self._epoch, self._batch, self._global = prog["epoch"], prog["batch"], prog["global_batch"]
-            iterator = None if self._fit is None else self._fit.get("epoch_iterator")
-            if self._batch > 0 and iterator is None:
-                log.warning(
-                    "autockpt: cannot resume epoch %d at batch %d here (this fit does not expose its data "
-                    "iterator); the epoch restarts from its first batch, so %d batches are trained on twice. "
-                    "Use save_freq='epoch' to avoid this.", self._epoch, self._batch, self._batch)
-                self._global -= self._batch
-                self._batch = 0
-                self._restart_epoch = True
-            elif self._batch > 0:
-                caveat = internals.mid_epoch_caveat(iterator)
-                if caveat is not None:
-                    log.warning(
-                        "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
-                        "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
-                        "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
-            internals.set_initial_epoch(self.model, self._epoch)
-            log.info("autockpt: resuming at epoch %d, batch %d (step %d)", self._epoch, self._batch, self._global)
-        self.watcher.install()
+        internals.set_initial_epoch(self.model, None)  # nothing left from a fit that raised
+        internals.skip_validation(self.model, False)
+        self.watcher = PreemptionWatcher(self.watcher.signals).install()  # first: a signal in the restore counts
+        try:
+            self._fit = internals.find_fit_locals(self.model)
+            self._state = keras_state(self.model, _strict=True)
+            self._restore()
+        except BaseException:
+            self.watcher.uninstall()
+            internals.set_initial_epoch(self.model, None)
+            raise
+        callback_list = None if self._fit is None else self._fit.get("callbacks")
+        if callback_list is not None:
+            self._undo_hooks = internals.intercept(callback_list, {
+                "on_epoch_begin": self._around_epoch_begin, "on_train_batch_end": self._around_batch_end,
+                "on_epoch_end": self._around_epoch_end, "on_train_end": self._around_train_end,
+            })
+        else:
+            log.warning("autockpt: cannot find this fit's callback list; put AutoCheckpoint last in callbacks= "
+                        "so that it saves the other callbacks' state after their hooks ran")
+        if self.watcher.triggered:  # during the restore: train nothing
+            epochs = self.params.get("epochs") if self.params else None
+            internals.set_initial_epoch(self.model, max(self._epoch, epochs or 0) or 2**62)
+            self._stop_for_signal(logs)
+
+    def _around_epoch_begin(self, original: Any, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._before_epoch(epoch)
+        original(epoch, logs)
+
+    def _around_batch_end(self, original: Any, batch: int, logs: dict[str, Any] | None = None) -> None:
+        original(batch, logs)
+        self._after_batch(batch, logs)
+
+    def _around_epoch_end(self, original: Any, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._preempted_mid_epoch:  # the partial epoch's end: no callback (History, loggers) records it
+            internals.skip_validation(self.model, False)
+            return
+        original(epoch, logs)
+        self._after_epoch(epoch, logs)
+
+    def _around_train_end(self, original: Any, logs: dict[str, Any] | None = None) -> None:
+        self._ending = True
+        try:
+            self._restore_callbacks()  # nothing trained (finished, or a signal at the start): History etc.
+            original(logs=logs)
+        finally:
+            self._after_train(logs)
+        if self.preempted and self.exit_on_preemption:
+            raise SystemExit(self.exit_code)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        resume, self._resume = self._resume, None
+        if self._undo_hooks is None:
+            self._before_epoch(epoch)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # Also keeps Keras from dispatching batch ends to a thread pool: saves happen in order, in this thread.
+        if self._undo_hooks is None:
+            self._after_batch(batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._undo_hooks is None:
+            self._after_epoch(epoch, logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if not self._ending:  # no hooks; or called by hand after fit raised: then only clean up
+            self._after_train(logs, finishing=self._undo_hooks is None)
+            if self.preempted and self.exit_on_preemption:
+                raise SystemExit(self.exit_code)
+
+    # ---------------------------------------------------------------- what happens at each moment
+    def _before_epoch(self, epoch: int) -> None:
+        resume = self._resume
         if resume is not None and epoch == self._epoch:
             assert self._state is not None
-            _restore_callbacks(self._callbacks(), resume["callbacks"] or {})
+            self._restore_callbacks()
             prog, rng_state = resume["progress"], self._state["rng"]
             if self._batch > 0:
                 self._state["metrics"].apply()  # after Keras reset them for this epoch
@@ -407,7 +592,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self._epoch, self._batch = epoch, 0
         self._epoch_rng = KerasRNGState().state_dict()
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    def _after_batch(self, batch: int, logs: dict[str, Any] | None) -> None:
         self._global += batch + 1 - self._batch
         self._batch = batch + 1
         steps = self.params.get("steps") if self.params else None
@@ -415,19 +600,16 @@ class AutoCheckpoint(keras.callbacks.Callback):
         due = (self.save_freq != "epoch" and self._global % int(self.save_freq) == 0) or (
             self.save_every_seconds is not None and self.manager.should_save(-1)
         )
-        if self.watcher.triggered:
-            self.preempted = True
-            self.model.stop_training = True
-            if not last:  # the last batch's save happens at epoch end, with the epoch done
-                self._stopped_mid_epoch = True
-                self._save(logs, force=True)
-                self.manager.wait_until_finished()
+        if self.watcher.triggered and not last:  # the last batch is saved at the epoch end, after validation
+            self._stopped_mid_epoch = self._preempted_mid_epoch = True
+            internals.skip_validation(self.model, True)
+            self._stop_for_signal(logs)
         elif due and not last:
-            self._save(logs, force=True)
+            self._save(logs)
         elif due:
             self._due_at_epoch_end = True
 
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    def _after_epoch(self, epoch: int, logs: dict[str, Any] | None) -> None:
         steps = self.params.get("steps") if self.params else None
         if not self._stopped_mid_epoch and steps is not None and self._batch < steps:
             # Another callback set stop_training mid-epoch: the epoch is not done, so do not record it as
@@ -437,20 +619,30 @@ class AutoCheckpoint(keras.callbacks.Callback):
             self._stopped_mid_epoch = True
         if self._stopped_mid_epoch:
             return
-        due = self.save_freq == "epoch" or self._due_at_epoch_end or self.watcher.triggered
-        self._due_at_epoch_end = False
+        epochs = self.params.get("epochs") if self.params else None
+        self._finished = bool(self.model.stop_training)  # a callback (EarlyStopping) ended the run here
         self._epoch, self._batch = epoch + 1, 0
-        if due:
-            self._save(logs, force=True)
-            if self.watcher.triggered:
-                self.preempted = True
-                self.model.stop_training = True
-                self.manager.wait_until_finished()
+        due = (self.save_freq == "epoch" or self._due_at_epoch_end or self._finished
+               or (epochs is not None and self._epoch >= epochs))
+        self._due_at_epoch_end = False
+        if due and not self.watcher.triggered:
+            self._save(logs)
+        if self.watcher.triggered:  # before this epoch end, in a callback's on_epoch_end, or during that save
+            self._stop_for_signal(logs)
 
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._state is not None and not self._stopped_mid_epoch:
-            self._save(logs, force=True)  # the finished state, so running the same fit again trains no more
-        self.watcher.uninstall()
-        internals.set_initial_epoch(self.model, None)
-        self.manager.wait_until_finished()
-        self._fit = None
+    def _after_train(self, logs: dict[str, Any] | None, finishing: bool = True) -> None:
+        try:
+            if not finishing or self._state is None:
+                pass
+            elif self.watcher.triggered:  # e.g. in another callback's on_train_end
+                self._stop_for_signal(logs)
+            elif not self._stopped_mid_epoch and self._progress() != self._saved:
+                self._save(logs)  # the finished state, so running the same fit again trains no more
+            self.manager.wait_until_finished()
+        finally:
+            self.watcher.uninstall()
+            internals.set_initial_epoch(self.model, None)
+            internals.skip_validation(self.model, False)
+            if self._undo_hooks is not None:
+                self._undo_hooks()
+            self._undo_hooks, self._fit, self._ending = None, None, True
