@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -71,19 +72,25 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, timeout: float = 240) -> tuple[int, str]:
+def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: bool = False,
+         timeout: float = 240) -> tuple[int, str]:
     """The identical command every time; with ``kill=(signal, step)`` the signal is sent once the child printed
-    that step. Returns (exit code, stderr)."""
-    args = [sys.executable, str(SCRIPT), case, str(tmp / "ckpt"), str(tmp), "0.05" if kill else "0"]
+    that step (under DDP, to rank 1, which does not print). Returns (exit code, stderr)."""
+    args = [str(SCRIPT), case, str(tmp / "ckpt"), str(tmp), "0.05" if kill else "0"]
+    if ddp:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), *args]
     with open(tmp / "stderr", "w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=_env(),
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=_env(),
                                 start_new_session=True)
+        pids: dict[str, int] = {}
         sent = False
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                if line.startswith("PID "):
+                    pids[line.split()[1]] = int(line.split()[2])
                 if kill is not None and not sent and line.startswith("STEP ") and int(line.split()[1]) >= kill[1]:
-                    os.kill(proc.pid, kill[0])
+                    os.kill(pids["1"] if ddp else proc.pid, kill[0])
                     sent = True
             rc = proc.wait(timeout=timeout)
         finally:
@@ -91,6 +98,12 @@ def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, timeout: flo
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return rc, (tmp / "stderr").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _check_same_as_reference(case: str, tmp: Path, ref: dict[str, Any], seed: int, restored: int | None) -> None:
@@ -138,6 +151,30 @@ def test_killed_mid_epoch_then_identical_command_resumes_bit_identically(
     rc, err = _run(case, tmp_path)
     assert rc == 0, f"the resumed run failed {why}: {err[-3000:]}"
     _check_same_as_reference(case, tmp_path, ref, seed, restored)
+
+
+@pytest.mark.skipif(not FULL, reason="three 2-process torchrun runs (about a minute): AUTOCKPT_FULL=1")
+def test_ddp_two_processes_sigterm_to_one_rank_then_resume_bit_identically(seed: int, tmp_path: Path) -> None:
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    rc, err = _run("lora", ref_dir, ddp=True)
+    assert rc == 0, err[-3000:]
+    at = random.Random(seed).randrange(2, 10)  # 12 steps: 3 epochs of 4 updates per rank
+    why = f"(DDP, SIGTERM to rank 1 after step {at}, seed {seed})"
+    rc, err = _run("lora", run_dir, kill=(signal.SIGTERM, at), ddp=True)
+    assert rc != 0, why  # the ranks exit with 143, which torchrun reports as a failure
+    saved = [_runs(run_dir)[0]["step"], json.loads((run_dir / "runs.rank1.jsonl").read_text().splitlines()[0])["step"]]
+    assert saved[0] == saved[1] >= at and err.count(f"autockpt: SIGTERM: saved step {saved[0]} to") == 2, why
+    rc, err = _run("lora", run_dir, ddp=True)
+    assert rc == 0, f"{why}: {err[-3000:]}"
+    ref, got = load_file(ref_dir / "final.safetensors"), load_file(run_dir / "final.safetensors")
+    assert all(torch.equal(ref[k], got[k]) for k in ref), f"final weights differ {why}"
+    for name in ("runs.jsonl", "runs.rank1.jsonl"):
+        want = json.loads((ref_dir / name).read_text().splitlines()[-1])
+        have = json.loads((run_dir / name).read_text().splitlines()[-1])
+        assert have["restored"] == saved[0] and have["log_history"][:-1] == want["log_history"][:-1], why
+        assert have["loaded"] == want["loaded"][len(want["loaded"]) - len(have["loaded"]):], why
 
 
 def test_lora_checkpoint_holds_the_adapter_and_the_base_models_hash(reference: dict[str, Any]) -> None:

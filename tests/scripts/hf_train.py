@@ -3,7 +3,8 @@
 usage: hf_train.py CASE CKPT_DIR OUT_DIR [DELAY]
 CASE: "lora" (a GPT-2-style causal LM from a config with a PEFT LoRA adapter, gradient accumulation 2 over
 epochs of 15 batches) or "cls" (a tiny classifier, evaluation every 4 steps, load_best_model_at_end).
-Runs the identical ``Trainer(..., callbacks=[AutoCheckpoint(CKPT_DIR, ...)]).train()`` every time and prints
+Also under ``torchrun --nproc-per-node 2`` (DDP on CPU, gloo). Runs the identical
+``Trainer(..., callbacks=[AutoCheckpoint(CKPT_DIR, ...)]).train()`` every time and prints
 "STEP n" after every optimizer step (then sleeps DELAY seconds). When ``train()`` ends, also by the callback's
 exit after a preemption, it appends one JSON line to OUT_DIR/runs.jsonl: the restored step, whether it was
 preempted, the training sample indices the dataset loaded, and the log history. When the run completes it
@@ -58,7 +59,8 @@ class Progress(TrainerCallback):
         self.delay = delay
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        print(f"STEP {state.global_step}", flush=True)
+        if state.is_world_process_zero:
+            print(f"STEP {state.global_step}", flush=True)
         if self.delay:
             time.sleep(self.delay)
 
@@ -97,17 +99,20 @@ def build(case: str, ckpt_dir: str, out_dir: str, delay: float = 0.0, base_seed:
 
 def run(case: str, ckpt_dir: str, out_dir: str, delay: float = 0.0) -> None:
     trainer, cb, loaded = build(case, ckpt_dir, out_dir, delay)
+    print(f"PID {os.environ.get('RANK', '0')} {os.getpid()}", flush=True)
     try:
         trainer.train()
     finally:  # also when the callback exits with 128 + signal after a preemption
         hist = [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}
                 for e in trainer.state.log_history]
-        with open(os.path.join(out_dir, "runs.jsonl"), "a") as f:
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun: one file per rank
+        with open(os.path.join(out_dir, "runs.jsonl" if rank == 0 else f"runs.rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps({"restored": cb.restored_step, "preempted": cb.preempted, "loaded": loaded,
                                 "step": trainer.state.global_step, "log_history": hist,
                                 "best": [trainer.state.best_global_step, trainer.state.best_metric]}) + "\n")
-    save_file({k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()},
-              os.path.join(out_dir, "final.safetensors"))
+    if trainer.is_world_process_zero():
+        save_file({k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()},
+                  os.path.join(out_dir, "final.safetensors"))
     print("DONE", flush=True)
 
 
