@@ -279,9 +279,12 @@ def _tiny_trainer(tmp_path: Path, callbacks: list[Any] | None = None, **args: An
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 16, (8, 8))]
     return Trainer(model, TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=2, **args),
-                   train_dataset=data, callbacks=callbacks)
+                   train_dataset=data, eval_dataset=data, callbacks=callbacks)
 
 
-def test_trainer_left_saving_is_told_so(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="save_strategy='no'"):  # TrainingArguments' default: "steps"
-        _tiny_trainer(tmp_path, callbacks=[hf.AutoCheckpoint(str(tmp_path / "ckpt"))])
+@pytest.mark.parametrize("strategy,needle", [("steps", "save_strategy='no'"), ("best", "cancels every save")])
+def test_trainer_left_saving_is_told_so(tmp_path: Path, strategy: str, needle: str) -> None:
+    extra = {"eval_strategy": "steps", "metric_for_best_model": "loss"} if strategy == "best" else {}
+    with pytest.warns(UserWarning, match=needle):
+        _tiny_trainer(tmp_path, callbacks=[hf.AutoCheckpoint(str(tmp_path / "ckpt"))], save_strategy=strategy,
+                      **extra)

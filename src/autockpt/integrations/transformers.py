@@ -100,16 +100,16 @@ def _trainer_from_stack() -> Any:
 # --------------------------------------------------------------------------------- helpers
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any rank of an initialised torch.distributed group."""
+def _any_rank(*flags: bool) -> list[bool]:
+    """Each flag, True on every rank if it is True on any rank of an initialised torch.distributed group."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+        return list(flags)
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one collective for all flags
+    return [bool(v) for v in t.tolist()]
 
 
 def _split_model_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -255,6 +255,7 @@ class AutoCheckpoint(TrainerCallback):
         self._last_saved: int | None = None
         self._last_save_time = time.monotonic()
         self._eval: tuple[int, dict[str, float]] | None = None
+        self._metric: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -304,7 +305,14 @@ class AutoCheckpoint(TrainerCallback):
 
         trainer.train = train
         args = trainer.args
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.load_best_model_at_end:
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if strategy == "best":
+            warnings.warn(
+                "autockpt: with save_strategy='best', Trainer cancels every save at a step with an evaluation that "
+                "is not a new best, including the ones AutoCheckpoint asks for (its interval, the last step, a "
+                "preemption). Use save_strategy='no' (or 'steps' for load_best_model_at_end): AutoCheckpoint keeps "
+                "the best checkpoints by metric_for_best anyway.", UserWarning, stacklevel=3)
+        elif strategy != "no" and not args.load_best_model_at_end:
             warnings.warn(
                 f"autockpt: Trainer's own checkpointing is on (save_strategy={args.save_strategy!r}, "
                 f"save_steps={args.save_steps}); those saves are now written by autockpt to {self.directory} "
@@ -320,10 +328,11 @@ class AutoCheckpoint(TrainerCallback):
                                                    **self._manager_options)
         self._frozen_hash = None
         self._eval = None
+        self._last_saved = None
         self._watcher.received = None
         try:
-            if resume_from_checkpoint in (None, False):
-                resume_from_checkpoint = self._restore(trainer)
+            if resume_from_checkpoint is None or isinstance(resume_from_checkpoint, bool):
+                resume_from_checkpoint = self._restore(trainer)  # True too: never "no checkpoint found"
             self._watcher.install()
             result = original(resume_from_checkpoint, *a, **k)
             self._manager.wait_until_finished()
@@ -337,12 +346,13 @@ class AutoCheckpoint(TrainerCallback):
         if self.preempted:
             name = signal.Signals(self.signal).name if self.signal is not None else "SIGTERM"
             step = int(trainer.state.global_step)
-            if step == self.restored_step:
-                log.warning("autockpt: %s: no step completed since step %d (the newest checkpoint in %s); stopping "
-                            "(exit code %d)", name, step, self.directory, self.exit_code)
-            else:
+            if step == self._last_saved:
                 log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, step,
                             self.directory, self.exit_code)
+            else:  # Trainer cancelled the save (save_strategy="best" at a step that was not a new best)
+                log.warning("autockpt: %s: no step saved since step %s (the newest checkpoint in %s; Trainer's "
+                            "save_strategy='best' cancelled the save of step %d); stopping (exit code %d)", name,
+                            self._last_saved, self.directory, step, self.exit_code)
             if self.exit_on_preemption:
                 sys.exit(self.exit_code)
         return result
@@ -460,15 +470,12 @@ class AutoCheckpoint(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = int(state.global_step)
-        assert self._manager is not None
-        if step == self._last_saved:
-            return
-        due = (self.save_steps is not None and step % self.save_steps == 0) or (
-            0 < state.max_steps <= step) or control.should_training_stop
+        due = step != self._last_saved and (
+            (self.save_steps is not None and step % self.save_steps == 0)
+            or 0 < state.max_steps <= step or control.should_training_stop)
         timed = self.save_every_seconds is not None and \
             time.monotonic() - self._last_save_time >= self.save_every_seconds
-        stop = self._watcher.triggered
-        timed, stop = _any_rank(timed), _any_rank(stop)  # every rank decides alike (one collective each)
+        timed, stop = _any_rank(timed, self._watcher.triggered)  # every rank decides alike
         if stop:
             self.preempted = True
             self.signal = self._watcher.received
