@@ -225,6 +225,17 @@ def test_preemption_without_exit_returns_from_train(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers put back
 
 
+def test_resume_from_checkpoint_true_works_on_the_first_run(tmp_path: Path) -> None:
+    cb = hf.AutoCheckpoint(str(tmp_path / "ckpt"), save_steps=1)
+    trainer = _tiny_trainer(tmp_path, callbacks=[cb], save_strategy="no")
+    trainer.train(resume_from_checkpoint=True)  # Trainer alone raises "No valid checkpoint found"
+    assert cb.restored_step is None and autockpt.CheckpointManager(str(tmp_path / "ckpt")).all_steps() == [1, 2]
+    trainer = _tiny_trainer(tmp_path, callbacks=[cb2 := hf.AutoCheckpoint(str(tmp_path / "ckpt"))],
+                            save_strategy="no")
+    trainer.train(resume_from_checkpoint=True)
+    assert cb2.restored_step == 2 and trainer.state.global_step == 2
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"directory": ""}, "directory"),
     ({"save_steps": 0}, "save_steps must be a positive int"),
