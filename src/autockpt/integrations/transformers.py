@@ -275,6 +275,10 @@ class AutoCheckpoint(TrainerCallback):
         self._bind(trainer)
 
     def _bind(self, trainer: Any) -> None:
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            raise InvalidArgumentError(
+                "AutoCheckpoint does not support DeepSpeed or FSDP in the Trainer yet (their states are sharded "
+                "and saved by their own engines); use Trainer's own checkpointing there, or DDP / one process")
         self._trainer = trainer
         originals = {name: getattr(trainer, name) for name in ("train", *_TRAINER_METHODS)}
         mine: dict[str, Callable[..., Any]] = {
