@@ -236,6 +236,21 @@ def test_resume_from_checkpoint_true_works_on_the_first_run(tmp_path: Path) -> N
     assert cb2.restored_step == 2 and trainer.state.global_step == 2
 
 
+def test_async_save_commits_every_checkpoint_and_resumes(tmp_path: Path) -> None:
+    cb = hf.AutoCheckpoint(str(tmp_path / "ckpt"), save_steps=1, async_save=True, max_to_keep=None)
+    trainer = _tiny_trainer(tmp_path, callbacks=[cb], save_strategy="no")
+    trainer.train()
+    assert autockpt.CheckpointManager(str(tmp_path / "ckpt")).all_steps() == [1, 2]
+    want = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    torch.manual_seed(123)  # a different model: the resume must put every trained weight back
+    trainer = _tiny_trainer(tmp_path, callbacks=[cb2 := hf.AutoCheckpoint(str(tmp_path / "ckpt"))],
+                            save_strategy="no")
+    trainer.train()  # finds the run complete (step 2 of 2): restores, trains nothing
+    assert cb2.restored_step == 2
+    got = trainer.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"directory": ""}, "directory"),
     ({"save_steps": 0}, "save_steps must be a positive int"),
