@@ -353,10 +353,10 @@ class AutoCheckpoint(TrainerCallback):
             if step == self._last_saved:
                 log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, step,
                             self.directory, self.exit_code)
-            else:  # Trainer cancelled the save (save_strategy="best" at a step that was not a new best)
-                log.warning("autockpt: %s: no step saved since step %s (the newest checkpoint in %s; Trainer's "
-                            "save_strategy='best' cancelled the save of step %d); stopping (exit code %d)", name,
-                            self._last_saved, self.directory, step, self.exit_code)
+            else:  # the save failed (see the warning before) or save_strategy="best" cancelled it
+                log.warning("autockpt: %s: step %d was not saved; the newest checkpoint of this run in %s is step "
+                            "%s; stopping (exit code %d)", name, step, self.directory, self._last_saved,
+                            self.exit_code)
             if self.exit_on_preemption:
                 sys.exit(self.exit_code)
         return result
@@ -409,6 +409,7 @@ class AutoCheckpoint(TrainerCallback):
                 f"the frozen parameters of the model differ from those the checkpoint of step {step} in "
                 f"{self.directory} was trained with (checkpoint: {want}, this model: {have}); load the same base "
                 "model (and the same adapter configuration) as the run that wrote it, or use a new directory")
+        self._frozen_hash = have  # frozen parameters do not change: the saves of this train() reuse it
         weights = saved["model"]
         missing = sorted(set(live) - set(weights))
         unexpected = sorted(set(weights) - set(live))
@@ -520,7 +521,7 @@ class AutoCheckpoint(TrainerCallback):
             metrics[self._metric] = self._eval[1][self._metric]
         trainer_state = dataclasses.asdict(state)
         trainer_state["best_model_checkpoint"] = None  # set below once the checkpoint exists
-        self._manager.save(
+        written = self._manager.save(
             step,
             {"model": weights, "optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler,
              "scaler": scaler.state_dict() if scaler is not None else None, "trainer_state": trainer_state,
@@ -529,6 +530,8 @@ class AutoCheckpoint(TrainerCallback):
             metadata={"integration": "transformers", "epoch": state.epoch,
                       "training_args": json.loads(trainer.args.to_json_string())},
         )
+        if not written:  # the manager warned (disk full, storage unreachable); training goes on
+            return
         self._last_saved = step
         self._last_save_time = time.monotonic()
         if state.best_global_step:
