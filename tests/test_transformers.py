@@ -53,6 +53,14 @@ def _runs(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _keep_torch_threads() -> Any:
+    """The in-process runs set torch to one thread (as the child processes do); later test files get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """One uninterrupted run of each case, in this process (no extra interpreter start)."""
