@@ -1,4 +1,17 @@
-"""``autockpt.resume``: crash and preemption recovery for a plain training loop in three added lines.
+"""``autockpt.resume``: crash and preemption recovery for a plain training loop in a few changed lines.
+
+An epoch loop keeps its shape (``run.epochs``; each batch of ``data=`` is one step):
+
+```python
+loader = autockpt.ResumableLoader(dataset, batch_size=64, shuffle=True)      # was torch's DataLoader
+run = autockpt.resume("checkpoints", model=model, optimizer=opt, scheduler=sched, data=loader)
+for epoch in run.epochs(1, epochs + 1):                                       # was range(1, epochs + 1)
+    train(model, loader, opt)                                                 # `for x, y in loader:` inside
+    test(model, test_loader)
+    sched.step()
+```
+
+A loop counted in steps:
 
 ```python
 with autockpt.resume("s3://bucket/run7", model=model, optimizer=opt, scheduler=sched, data=loader,
@@ -20,7 +33,10 @@ previous checkpoint stays the newest.
 Preemption: SIGTERM and SIGUSR1 (configurable; Ctrl-C too) only set a flag (``PreemptionWatcher``). The step
 in progress finishes, a checkpoint of it is saved, the loop stops, ``run.preempted`` is True and ``run.exit_code``
 is ``128 + signal`` (143 for SIGTERM), the code a shell reports for a process that signal ended, so that a
-supervisor restarts it. Handlers installed before keep running; signals that arrive during the final save
+supervisor restarts it; ``run.epochs`` ends the process with that code itself (``Preempted``, a ``SystemExit``).
+A signal that arrives while restoring, during evaluation, or during the final save ends the same way: the
+newest completed step is committed (or the checkpoint stays as it was if no step completed), and one log line
+says which. Handlers installed before keep running; signals that arrive during the final save
 are recorded and ignored, so they cannot interrupt or corrupt it.
 
 Requeueing: end the script with ``sys.exit(run.exit_code)``. Kubernetes (a Job or a Pod with
