@@ -694,7 +694,8 @@ def _gloo(n: int, out: Path, *args: str) -> list[dict]:
     return [json.loads((out / f"result-{r}.json").read_text()) for r in range(n)]
 
 
-@pytest.mark.parametrize("before, after", [(2, 4), (4, 2), (2, 2)])
+@pytest.mark.parametrize("before, after", [(2, 4), (4, 2), (2, 2), pytest.param(1, 2, marks=pytest.mark.skipif(
+    os.environ.get("AUTOCKPT_FULL") != "1", reason="AUTOCKPT_FULL=1"))])
 def test_resumable_loader_shards_like_distributed_sampler_and_resumes_on_any_world_size(
         tmp_path: Path, before: int, after: int) -> None:
     """96 samples, batch 4: K=3 batches per rank on ``before`` ranks, saved (rank 0's state only), then the
@@ -708,7 +709,8 @@ def test_resumable_loader_shards_like_distributed_sampler_and_resumes_on_any_wor
             ours, theirs, len_ours, len_theirs = r[f"uneven_drop_last_{drop_last}"]
             assert ours == theirs and len_ours == len_theirs, (r["rank"], drop_last)
     consumed = k * batch * before
-    assert first[0]["state"] == {"epoch": 0, "batches": k, "samples": consumed}  # global: rank 0's copy suffices
+    # the global count: rank 0's copy suffices (one process saves the DataLoader-like {epoch, batches})
+    assert first[0]["state"] == {"epoch": 0, "batches": k, **({"samples": consumed} if before > 1 else {})}
     rest = _gloo(after, tmp_path / "b", ckpt, "rest")
     assert all(r["restored"] == k and r["state"]["samples"] == consumed for r in rest)
     epoch0 = [i for r in first for i in r["taken"]] + [i for r in rest for i in r["rest_0"]]

@@ -314,6 +314,8 @@ class ResumableLoader:
         keys = ("epoch", "batches", "samples") if isinstance(state, dict) and "samples" in state else (
             "epoch", "batches")
         s = _load_ints(state, keys, "ResumableLoader")
+        if "samples" not in s and _rank_world()[1] > 1:  # saved by one process: it consumed batches * batch_size
+            s["samples"] = min(s["batches"] * self.batch_size, len(self.dataset))
         self.epoch, self.batches, self._start = s["epoch"], s["batches"], 0
         if "samples" in s:  # continue from the samples all ranks consumed, sharded over this world size
             self.batches, self._start = 0, s["samples"]

@@ -2,7 +2,7 @@
 
 Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python dist_loader.py OUT CKPT PHASE [K]
   first K  take K batches of epoch 0, save the loader's state (step K) with a CheckpointManager
-  rest     restore it (on this world size) and take the rest of epoch 0, then all of epoch 1
+  rest     restore it (on this world size, maybe another) and take the rest of epoch 0, then all of epoch 1
 Writes OUT/result-<rank>.json: the sample ids taken, and what DistributedSampler serves this rank.
 """
 
