@@ -448,6 +448,18 @@ def test_stop_is_saved_and_a_rerun_trains_nothing(tmp_path: Path) -> None:
     assert seen == [] and run.restored and run.stopped and run.step == 6 and run.manager.all_steps() == [6]
 
     model, opt = _model_opt()
+    loader = autockpt.ResumableLoader(ds, batch_size=4)
+    trained = 0
+    with autockpt.resume(tmp_path / "inner", model=model, optimizer=opt, data=loader, every_n_steps=100) as run:
+        for _ in run.epochs(10):
+            for _ in loader:
+                _train_one(model, opt)
+                trained += 1
+                if run.step == 4:  # in the 2nd batch of epoch 1; no break: the loops end by themselves
+                    run.stop()
+    assert trained == 5 and run.step == 5 and run.manager.all_steps() == [5]
+
+    model, opt = _model_opt()
     with autockpt.resume(tmp_path / "steps", model=model, optimizer=opt, every_n_steps=100) as run:
         for step in run.steps(100):
             _train_one(model, opt)

@@ -291,6 +291,8 @@ class ResumableLoader:
                 self._pending = False
                 if run is not None:
                     run._complete_step(deferred=self.batches >= last)
+            if run is not None and run.stopped:  # run.stop() ended training
+                break
             try:
                 batch = next(it)
             except StopIteration:
