@@ -512,6 +512,17 @@ def test_resumable_loader_is_a_dataloader_drop_in() -> None:
         autockpt.ResumableLoader(Stream(), batch_size=2)
 
 
+def test_a_checkpoint_without_the_loop_entry_still_resumes(tmp_path: Path) -> None:
+    model, opt = _model_opt()
+    _train_one(model, opt)
+    with autockpt.CheckpointManager(tmp_path) as mgr:  # what autockpt.resume wrote before it saved "loop"
+        mgr.save(3, {"model": model, "optimizer": opt, "rng": autockpt.RNGState()})
+    model2, opt2 = _model_opt()
+    with autockpt.resume(tmp_path, model=model2, optimizer=opt2) as run:
+        assert run.restored and run.step == 3 and "loop" in run.state
+    assert torch.equal(model2.weight, model.weight)
+
+
 def test_epochs_needs_a_resumable_loader(tmp_path: Path) -> None:
     model, _ = _model_opt()
     run = autockpt.resume(tmp_path, model=model)

@@ -154,7 +154,16 @@ class Run:
         self._watcher.install()
         originals = dict(self.state)
         try:
-            restored = self.manager.restore(self.state)
+            try:
+                restored = self.manager.restore(self.state)
+            except StateMismatchError as e:  # written before the loop's own entry existed: restore the rest
+                if e.missing != ["loop"] or e.unexpected or e.mismatched:
+                    raise
+                progress = self.state.pop("loop")
+                try:
+                    restored = self.manager.restore(self.state)
+                finally:
+                    self.state["loop"] = progress
             for key, orig in originals.items():  # plain containers were replaced in self.state: update them
                 new = self.state[key]
                 if new is not orig and isinstance(orig, MutableMapping) and isinstance(new, Mapping):
