@@ -253,11 +253,15 @@ class Run:
         run on a half-trained model. Without a ``with`` block the run is entered here and closed at the end.
 
         ```python
-        run = autockpt.resume(directory, model=model, optimizer=opt, scheduler=sched, data=loader)
-        for epoch in run.epochs(1, 11):           # like range(1, 11)
-            for x, y in loader:                   # one step per batch
-                ...
-            evaluate(model); sched.step()
+        import torch, autockpt
+        model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = autockpt.ResumableLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4,
+                                          shuffle=True)
+        run = autockpt.resume("/tmp/epochs_demo", model=model, optimizer=opt, data=loader, every_n_steps=2)
+        for epoch in run.epochs(1, 4):            # like range(1, 4)
+            for (x,) in loader:                   # one step per batch
+                opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+            print(epoch, run.step)                # per-epoch code stays where it is
         ```
         """
         first, end = (0, start) if stop is None else (start, stop)
@@ -373,11 +377,17 @@ class Run:
         restores it and trains nothing, whatever the number of steps or epochs it asks for.
 
         ```python
+        import torch, autockpt
+        model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = autockpt.ResumableLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+        run = autockpt.resume("/tmp/stop_demo", model=model, optimizer=opt, data=loader)
         for epoch in run.epochs(100):
-            ...
-            if no_improvement_for_5_epochs:
+            for (x,) in loader:
+                opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+            if epoch == 2:                        # e.g. no improvement for a while
                 run.stop()
                 break
+        assert run.stopped and run.step == 6      # and a re-run trains nothing
         ```
         """
         if not self._entered:
