@@ -93,7 +93,7 @@ def _check_sigterm(d: Path, child: Child, n_records_before: int, double: bool = 
     return ckpt
 
 
-def test_interrupted_training_matches_uninterrupted_bit_for_bit(tmp_path: Path) -> None:
+def test_interrupted_training_matches_uninterrupted_bit_for_bit(tmp_path: Path, seed: int) -> None:
     ref = tmp_path / "ref"
     ref.mkdir()
     c = Child(ref)
@@ -101,7 +101,6 @@ def test_interrupted_training_matches_uninterrupted_bit_for_bit(tmp_path: Path) 
     ref_losses = _losses(ref)
     assert sorted(ref_losses) == list(range(TOTAL))
 
-    seed = random.randrange(2**32)
     rnd = random.Random(seed)
     run = tmp_path / "run"
     run.mkdir()
@@ -377,3 +376,369 @@ def test_preemption_while_an_async_save_is_in_flight_commits_it_and_the_last_ste
         with open_checkpoint(storage, s):  # every one verifies (sizes, checksums, headers)
             pass
     assert torch.equal(autockpt.load(tmp_path)["model"]["weight"], weights)
+
+
+# ---------------------------------------------------------------------------------------------- epoch-shaped loops
+def test_epochs_shape_counts_steps_skips_trained_batches_and_keeps_per_epoch_code(tmp_path: Path) -> None:
+    touched: list[int] = []
+
+    class Recording(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            touched.append(i)
+            return torch.tensor([float(i)])
+
+    def train(directory: Path, crash_at: int | None = None) -> tuple[object, list, autockpt.Run, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Dropout(0.3), torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        loader = autockpt.ResumableLoader(Recording(), batch_size=4, shuffle=True, seed=2)  # 5 batches an epoch
+        evals: list[tuple[int, int, float]] = []
+        with autockpt.resume(directory, model=model, optimizer=opt, scheduler=sched, data=loader,
+                             every_n_steps=3) as run:
+            for epoch in run.epochs(3):
+                for x in loader:  # an ordinary batch loop: one step per batch
+                    if run.step == crash_at:
+                        raise RuntimeError("crash")
+                    opt.zero_grad()
+                    model(x / 20).pow(2).mean().backward()
+                    opt.step()
+                evals.append((epoch, run.step, opt.param_groups[0]["lr"]))  # per-epoch code, in its place
+                sched.step()
+        return model, evals, run, loader
+
+    ref_model, ref_evals, ref_run, loader = train(tmp_path / "ref")
+    assert ref_evals == [(0, 5, 0.01), (1, 10, 0.005), (2, 15, 0.0025)]
+    assert ref_run.finished and ref_run.manager.all_steps() == [3, 6, 9, 12, 15]  # every_n_steps counts batches
+    with pytest.raises(RuntimeError, match="crash"):
+        train(tmp_path / "run", crash_at=7)  # in the 3rd batch of epoch 1
+    assert autockpt.CheckpointManager(tmp_path / "run").latest_step == 6  # the 1st batch of epoch 1
+    touched.clear()
+    model, evals, run, _ = train(tmp_path / "run")
+    assert run.restored and run.step == 15 and evals == ref_evals[1:]  # epoch 1's code ran once, after its batches
+    assert touched[:16] == loader.order(1)[4:]  # the batch trained before the crash was not loaded again
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_stop_is_saved_and_a_rerun_trains_nothing(tmp_path: Path) -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(12.0).unsqueeze(1))
+
+    def epochs_run(n: int) -> tuple[autockpt.Run, list[int]]:
+        model, opt = _model_opt()
+        loader = autockpt.ResumableLoader(ds, batch_size=4)
+        seen: list[int] = []
+        with autockpt.resume(tmp_path / "epochs", model=model, optimizer=opt, data=loader, every_n_steps=100) as run:
+            for epoch in run.epochs(n):
+                for _ in loader:
+                    _train_one(model, opt)
+                seen.append(epoch)
+                if epoch == 1:  # early stopping decided in per-epoch code
+                    run.stop()
+                    break
+        return run, seen
+
+    run, seen = epochs_run(10)
+    assert seen == [0, 1] and run.stopped and run.finished and run.step == 6 and run.exit_code == 0
+    assert run.manager.all_steps() == [6]
+    run, seen = epochs_run(20)  # even with more epochs asked for
+    assert seen == [] and run.restored and run.stopped and run.step == 6 and run.manager.all_steps() == [6]
+
+    model, opt = _model_opt()
+    loader = autockpt.ResumableLoader(ds, batch_size=4)
+    trained = 0
+    with autockpt.resume(tmp_path / "inner", model=model, optimizer=opt, data=loader, every_n_steps=100) as run:
+        for _ in run.epochs(10):
+            for _ in loader:
+                _train_one(model, opt)
+                trained += 1
+                if run.step == 4:  # in the 2nd batch of epoch 1; no break: the loops end by themselves
+                    run.stop()
+    assert trained == 5 and run.step == 5 and run.manager.all_steps() == [5]
+
+    model, opt = _model_opt()
+    with autockpt.resume(tmp_path / "steps", model=model, optimizer=opt, every_n_steps=100) as run:
+        for step in run.steps(100):
+            _train_one(model, opt)
+            if step == 4:
+                run.stop()  # the step in progress counts: 5 updates are done
+    assert run.stopped and run.step == 5 and run.manager.all_steps() == [5]
+    with autockpt.resume(tmp_path / "steps", model=model, optimizer=opt, every_n_steps=100) as run:
+        assert list(run.steps(200)) == [] and run.step == 5
+
+
+def test_resumable_loader_is_a_dataloader_drop_in() -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(10))
+    for kwargs in (dict(), dict(drop_last=True), dict(shuffle=True), dict(shuffle=True, drop_last=True)):
+        ours = autockpt.ResumableLoader(ds, batch_size=3, **kwargs)
+        theirs = torch.utils.data.DataLoader(ds, batch_size=3, **kwargs)
+        assert (len(ours), ours.dataset, ours.batch_size) == (len(theirs), ds, 3), kwargs
+        assert [len(b[0]) for b in ours] == [len(b[0]) for b in theirs], kwargs
+        if not kwargs.get("drop_last"):
+            assert sorted(_ids([b[0] for b in ours])) == list(range(10)), kwargs
+    seq = autockpt.ResumableLoader(ds, batch_size=3)  # shuffle=False, as DataLoader: in order, and resumable
+    assert [b[0].tolist() for b in seq] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    seq.load_state_dict({"epoch": 3, "batches": 2})
+    assert [b[0].tolist() for b in seq] == [[6, 7, 8], [9]]
+
+    def collate(batch: list) -> list[int]:
+        return [int(x[0]) * 10 for x in batch]
+
+    opts = autockpt.ResumableLoader(ds, batch_size=4, shuffle=False, drop_last=True, collate_fn=collate,
+                                    pin_memory=False, num_workers=0, timeout=0, worker_init_fn=None)
+    assert list(opts) == [[0, 10, 20, 30], [40, 50, 60, 70]]
+    assert opts.num_workers == 0 and opts.collate_fn is collate and opts.pin_memory is False  # DataLoader's
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(3))
+
+    refused = [
+        (dict(sampler=torch.utils.data.SequentialSampler(ds)), "sampler=.*use shuffle= and seed="),
+        (dict(batch_sampler=None), "batch_sampler=.*use batch_size="),
+        (dict(generator=torch.Generator()), "generator=.*use seed="),
+        (dict(persistent_workers=True), "persistent_workers=True.*use num_workers="),
+        (dict(shufle=True), r"unknown DataLoader arguments \['shufle'\]"),
+        (dict(shuffle="yes"), "shuffle must be True or False"),
+        (dict(batch_size=None), "batch_size must be an int"),
+    ]
+    for kwargs, match in refused:
+        with pytest.raises(InvalidArgumentError, match=match):
+            autockpt.ResumableLoader(ds, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="map-style dataset"):
+        autockpt.ResumableLoader(Stream(), batch_size=2)
+
+
+def test_a_checkpoint_without_the_loop_entry_still_resumes(tmp_path: Path) -> None:
+    model, opt = _model_opt()
+    _train_one(model, opt)
+    with autockpt.CheckpointManager(tmp_path) as mgr:  # what autockpt.resume wrote before it saved "loop"
+        mgr.save(3, {"model": model, "optimizer": opt, "rng": autockpt.RNGState()})
+    model2, opt2 = _model_opt()
+    with autockpt.resume(tmp_path, model=model2, optimizer=opt2) as run:
+        assert run.restored and run.step == 3 and "loop" in run.state
+    assert torch.equal(model2.weight, model.weight)
+
+
+def test_epochs_needs_a_resumable_loader(tmp_path: Path) -> None:
+    model, _ = _model_opt()
+    run = autockpt.resume(tmp_path, model=model)
+    with pytest.raises(InvalidArgumentError, match="data=autockpt.ResumableLoader"):
+        run.epochs(3)
+
+
+# ------------------------------------------------------------------------------------- a pytorch/examples script
+MNIST_ORIGINAL = ROOT / "tests" / "scripts" / "mnist_original.py"
+MNIST = ROOT / "tests" / "scripts" / "mnist_autockpt.py"
+
+
+def test_the_mnist_example_is_converted_in_at_most_five_lines() -> None:
+    import difflib
+
+    diff = list(difflib.ndiff(MNIST_ORIGINAL.read_text().splitlines(), MNIST.read_text().splitlines()))
+    changed = [ln for ln in diff if ln.startswith("+ ")]  # lines added or rewritten
+    assert 0 < len(changed) <= 5, "\n".join(changed)
+    assert "for epoch in run.epochs(1, args.epochs + 1):" in MNIST.read_text()  # the script keeps its shape
+    assert "    test(model, device, test_loader)\n        scheduler.step()" in MNIST.read_text()
+
+
+class Mnist:
+    """One run of the converted mnist script in ``cwd`` (checkpoints go to ``cwd/checkpoints``); optionally
+    sends ``sig`` once it printed batch ``batch`` of epoch ``epoch``."""
+
+    def __init__(self, cwd: Path, sig: int | None = None, epoch: int = 0, batch: int = 0) -> None:
+        cwd.mkdir(exist_ok=True)
+        ckpt = cwd / "checkpoints"
+        self.start = (autockpt.CheckpointManager(ckpt).latest_step or 0) if ckpt.exists() else 0
+        env = _env()
+        if sig is not None:
+            env["MNIST_DELAY"] = "0.004"  # 0.13 s a batch: the signal lands in the epoch it was meant for
+        p = subprocess.Popen([sys.executable, str(MNIST), "--save-model"], cwd=cwd, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None
+        self.lines: list[str] = []
+        for line in p.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if sig is not None and line.startswith(f"Train Epoch: {epoch} [{batch * 32}/"):
+                os.kill(p.pid, sig)
+                break
+        out, self.stderr = p.communicate(timeout=120)
+        self.lines += out.splitlines()
+        self.returncode = p.returncode
+        self.losses = [ln.split()[-1] for ln in self.lines if ln.startswith("Train Epoch")]
+        self.tests = [ln.split()[-1] for ln in self.lines if ln.startswith("Test set")]
+
+
+def test_mnist_style_script_resumes_bit_identically_after_sigkill_and_sigterm_mid_epoch(
+        tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    ref = Mnist(tmp_path / "ref")
+    assert ref.returncode == 0 and len(ref.losses) == 24 and len(ref.tests) == 3, ref.stderr[-3000:]
+    d = tmp_path / "run"
+    kill_at, term_at = rnd.randint(1, 5), rnd.randint(1, 4)  # batches of epoch 2 and 3
+    killed = Mnist(d, signal.SIGKILL, 2, kill_at)
+    assert killed.returncode == -signal.SIGKILL, (seed, killed.stderr[-3000:])
+    termed = Mnist(d, signal.SIGTERM, 3, term_at)
+    assert termed.returncode == 128 + signal.SIGTERM, (seed, termed.stderr[-3000:])
+    n = autockpt.CheckpointManager(d / "checkpoints").latest_step
+    assert n is not None and 16 < n < 24, (seed, n)  # mid-epoch 3
+    assert f"autockpt: SIGTERM: saved step {n} to checkpoints; stopping (exit code 143)" in termed.stderr, (
+        seed, termed.stderr[-3000:])
+    assert termed.start + len(termed.losses) == n, (seed, "a step ran after the one saved")
+    last = Mnist(d)
+    assert last.returncode == 0 and last.start == n, (seed, last.stderr[-3000:])
+    for run in (killed, termed, last):  # every step's loss, including steps re-run after the SIGKILL
+        assert run.losses == ref.losses[run.start:run.start + len(run.losses)], (seed, run.start)
+    assert last.tests[-1] == ref.tests[-1], seed
+    got = torch.load(d / "mnist_cnn.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "mnist_cnn.pt", weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), seed
+
+
+# ---------------------------------------------------------------------------------------------- signal windows
+EPOCHS_SCRIPT = ROOT / "tests" / "scripts" / "train_epochs.py"
+
+
+def _epochs_script(d: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[int, str]]:
+    env = dict(_env(), CKPT=str(d / "ckpt"))
+    p = subprocess.run([sys.executable, str(EPOCHS_SCRIPT), "--params", str(d / "params.hex"), *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    losses = {int(ln.split()[1]): ln.split()[2] for ln in p.stdout.splitlines() if ln.startswith("loss ")}
+    return p, losses
+
+
+@pytest.fixture(scope="module")
+def epochs_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, str], str]:
+    d = tmp_path_factory.mktemp("epochs_ref")
+    p, losses = _epochs_script(d)
+    assert p.returncode == 0 and sorted(losses) == list(range(18)), p.stderr[-3000:]
+    return losses, (d / "params.hex").read_text()
+
+
+def _check_resumes_exactly(d: Path, first: dict[int, str], reference: tuple[dict[int, str], str]) -> None:
+    ref_losses, ref_params = reference
+    p, losses = _epochs_script(d)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for step, loss in {**first, **losses}.items():
+        assert loss == ref_losses[step], step
+    assert (d / "params.hex").read_text() == ref_params
+
+
+def _check_stopped(d: Path, p: subprocess.CompletedProcess[str], sig: str, line: str, committed: list[int]) -> None:
+    code = 128 + getattr(signal, sig)
+    assert p.returncode == code, p.stderr[-3000:]
+    assert f"autockpt: {sig}: {line}; stopping (exit code {code})" in p.stderr.splitlines(), p.stderr[-3000:]
+    assert autockpt.CheckpointManager(d / "ckpt").all_steps() == committed
+
+
+def test_a_signal_in_every_window_commits_the_newest_step_and_the_resumed_run_is_exact(
+        tmp_path: Path, epochs_reference: tuple[dict[int, str], str]) -> None:
+    """One run after another in one directory, each signalling itself at another moment; then the last run
+    finishes, and every step's loss and the final weights equal those of an uninterrupted run."""
+    ckpt = tmp_path / "ckpt"
+    seen: dict[int, str] = {}
+    p, losses = _epochs_script(tmp_path, "--sigkill-at", "6")  # a crash leaves step 4
+    assert p.returncode == -signal.SIGKILL and autockpt.CheckpointManager(ckpt).all_steps() == [4]
+    seen.update(losses)
+    # while the checkpoint is restored at start: nothing new, the checkpoint stays
+    p, losses = _epochs_script(tmp_path, "--window", "restore")
+    _check_stopped(tmp_path, p, "SIGTERM", f"no step completed since step 4 (the newest checkpoint in {ckpt})", [4])
+    assert losses == {}
+    # in step 8, while the async save of step 8 is in flight: it commits, then step 9
+    p, losses = _epochs_script(tmp_path, "--window", "async")
+    _check_stopped(tmp_path, p, "SIGTERM", f"saved step 9 to {ckpt}", [4, 8, 9])
+    assert max(losses) == 8
+    seen.update(losses)
+    # in epoch 2's evaluation: the epoch's code finishes, then step 12 (the end of epoch 2) is saved
+    p, losses = _epochs_script(tmp_path, "--window", "eval", "--signal", "SIGUSR1")
+    _check_stopped(tmp_path, p, "SIGUSR1", f"saved step 12 to {ckpt}", [4, 8, 9, 12])
+    assert max(losses) == 11 and "eval 2 " in p.stdout and "eval 3 " not in p.stdout
+    seen.update(losses)
+    # while the final checkpoint is written: it commits, and the process still ends with 143
+    p, losses = _epochs_script(tmp_path, "--window", "final_save")
+    _check_stopped(tmp_path, p, "SIGTERM", f"saved step 18 to {ckpt}", [8, 9, 12, 16, 18])
+    assert max(losses) == 17 and not (tmp_path / "params.hex").exists()  # the code after the loop did not run
+    seen.update(losses)
+    _check_resumes_exactly(tmp_path, seen, epochs_reference)  # trains nothing, runs the code after the loop
+
+
+@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="each window alone: AUTOCKPT_FULL=1")
+@pytest.mark.parametrize("window, sig, saved, committed", [
+    ("async", "SIGTERM", 9, [4, 8, 9]),  # the in-flight save of step 8 commits, then step 9
+    ("eval", "SIGUSR1", 12, [4, 8, 12]),  # in evaluation: epoch 2's code finishes, then step 12 is saved
+    ("last_step", "SIGTERM", 18, [4, 8, 12, 16, 18]),
+    ("final_save", "SIGTERM", 18, [4, 8, 12, 16, 18]),
+])
+def test_a_signal_in_each_window_commits_the_newest_step_and_exits_128_plus_signal(
+        tmp_path: Path, epochs_reference: tuple[dict[int, str], str], window: str, sig: str, saved: int,
+        committed: list[int]) -> None:
+    p, losses = _epochs_script(tmp_path, "--window", window, "--signal", sig)
+    code = 128 + getattr(signal, sig)
+    assert p.returncode == code, p.stderr[-3000:]
+    line = f"autockpt: {sig}: saved step {saved} to {tmp_path / 'ckpt'}; stopping (exit code {code})"
+    assert line in p.stderr.splitlines(), p.stderr[-3000:]
+    assert max(losses) == saved - 1  # no step ran past the one saved
+    assert autockpt.CheckpointManager(tmp_path / "ckpt").all_steps() == committed
+    if window in ("last_step", "final_save"):
+        assert not (tmp_path / "params.hex").exists()  # the code after the loop did not run
+    _check_resumes_exactly(tmp_path, losses, epochs_reference)
+
+
+# ---------------------------------------------------------------------------------------------- torch.distributed
+DIST_LOADER = ROOT / "tests" / "scripts" / "dist_loader.py"
+
+
+def _gloo(n: int, out: Path, *args: str) -> list[dict]:
+    """Run tests/scripts/dist_loader.py on ``n`` ranks of a real gloo process group; their results."""
+    import socket
+
+    out.mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(n):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(DIST_LOADER), str(out), *args], env=env,
+                                      stdout=open(out / f"log-{rank}.txt", "w"), stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = "\n".join((out / f"log-{r}.txt").read_text()[-2000:] for r in range(n))
+    assert codes == [0] * n, f"exit codes {codes}:\n{logs}"
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.mark.parametrize("before, after", [(2, 4), (4, 2), (2, 2), pytest.param(1, 2, marks=pytest.mark.skipif(
+    os.environ.get("AUTOCKPT_FULL") != "1", reason="AUTOCKPT_FULL=1"))])
+def test_resumable_loader_shards_like_distributed_sampler_and_resumes_on_any_world_size(
+        tmp_path: Path, before: int, after: int) -> None:
+    """96 samples, batch 4: K=3 batches per rank on ``before`` ranks, saved (rank 0's state only), then the
+    rest of the epoch on ``after`` ranks: every sample of the epoch exactly once across ranks and runs."""
+    ckpt, k, batch = str(tmp_path / "ckpt"), 3, 4
+    first = _gloo(before, tmp_path / "a", ckpt, "first", str(k))
+    for r in first:  # each rank's batches are its DistributedSampler shard (same seed + epoch on every rank)
+        assert r["taken"] == r["distributed_sampler_0"][: k * batch], r["rank"]
+        assert r["len"] == len(r["distributed_sampler_0"]) // batch
+        for drop_last in (False, True):  # padding (or dropping) of an uneven epoch as DistributedSampler does
+            ours, theirs, len_ours, len_theirs = r[f"uneven_drop_last_{drop_last}"]
+            assert ours == theirs and len_ours == len_theirs, (r["rank"], drop_last)
+    consumed = k * batch * before
+    # the global count: rank 0's copy suffices (one process saves the DataLoader-like {epoch, batches})
+    assert first[0]["state"] == {"epoch": 0, "batches": k, **({"samples": consumed} if before > 1 else {})}
+    rest = _gloo(after, tmp_path / "b", ckpt, "rest")
+    assert all(r["restored"] == k and r["state"]["samples"] == consumed for r in rest)
+    epoch0 = [i for r in first for i in r["taken"]] + [i for r in rest for i in r["rest_0"]]
+    assert sorted(epoch0) == list(range(96)), f"{before} -> {after}: repeated or skipped samples"
+    for r in rest:
+        assert r["epoch_1"] == r["distributed_sampler_1"], r["rank"]  # the next epoch: DistributedSampler's shard
+        if before == after:  # the same world size: exactly the batches an uninterrupted rank takes
+            assert r["rest_0"] == r["distributed_sampler_0"][k * batch:], r["rank"]

@@ -1,4 +1,17 @@
-"""``autockpt.resume``: crash and preemption recovery for a plain training loop in three added lines.
+"""``autockpt.resume``: crash and preemption recovery for a plain training loop in a few changed lines.
+
+An epoch loop keeps its shape (``run.epochs``; each batch of ``data=`` is one step):
+
+```python
+loader = autockpt.ResumableLoader(dataset, batch_size=64, shuffle=True)      # was torch's DataLoader
+run = autockpt.resume("checkpoints", model=model, optimizer=opt, scheduler=sched, data=loader)
+for epoch in run.epochs(1, epochs + 1):                                       # was range(1, epochs + 1)
+    train(model, loader, opt)                                                 # `for x, y in loader:` inside
+    test(model, test_loader)
+    sched.step()
+```
+
+A loop counted in steps:
 
 ```python
 with autockpt.resume("s3://bucket/run7", model=model, optimizer=opt, scheduler=sched, data=loader,
@@ -20,7 +33,10 @@ previous checkpoint stays the newest.
 Preemption: SIGTERM and SIGUSR1 (configurable; Ctrl-C too) only set a flag (``PreemptionWatcher``). The step
 in progress finishes, a checkpoint of it is saved, the loop stops, ``run.preempted`` is True and ``run.exit_code``
 is ``128 + signal`` (143 for SIGTERM), the code a shell reports for a process that signal ended, so that a
-supervisor restarts it. Handlers installed before keep running; signals that arrive during the final save
+supervisor restarts it; ``run.epochs`` ends the process with that code itself (``Preempted``, a ``SystemExit``).
+A signal that arrives while restoring, during evaluation, or during the final save ends the same way: the
+newest completed step is committed (or the checkpoint stays as it was if no step completed), and one log line
+says which. Handlers installed before keep running; signals that arrive during the final save
 are recorded and ignored, so they cannot interrupt or corrupt it.
 
 Requeueing: end the script with ``sys.exit(run.exit_code)``. Kubernetes (a Job or a Pod with
@@ -39,31 +55,51 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-from autockpt.data import is_plain_dataloader
+from autockpt.data import ResumableLoader, is_plain_dataloader
 from autockpt.distributed import process_group_initialized
-from autockpt.errors import InvalidArgumentError
+from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
-from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
+from autockpt.preemption import DEFAULT_SIGNALS, Preempted, PreemptionWatcher
 from autockpt.rng import RNGState
 
 log = logging.getLogger("autockpt")
 
 DEFAULT_EVERY_N_SECONDS = 600.0
-_RESERVED = ("model", "optimizer", "scheduler", "data", "rng")
+_RESERVED = ("model", "optimizer", "scheduler", "data", "rng", "loop")
 _MANAGER_OPTIONS = tuple(
     p for p in inspect.signature(CheckpointManager.__init__).parameters
     if p not in ("self", "directory", "save_interval_steps", "save_interval_seconds")
 )
 
 
+class _Progress:
+    """The loop's own state, saved as ``loop``: epochs completed under ``run.epochs()``, and whether
+    ``run.stop()`` ended training early (then a re-run trains nothing)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.run._epochs_done, "stopped": self.run.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epochs, stopped = state.get("epochs"), state.get("stopped")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0 or not isinstance(stopped, bool):
+            raise StateMismatchError(f"loop state must be {{'epochs': int >= 0, 'stopped': bool}}, got {state!r}")
+        self.run._epochs_done, self.run.stopped = epochs, stopped
+
+
 class Run:
-    """The handle ``autockpt.resume(...)`` returns; use it as a context manager.
+    """The handle ``autockpt.resume(...)`` returns; use it as a context manager (``run.epochs()`` also
+    enters and leaves it by itself).
 
     Attributes:
         step: completed optimizer updates so far (on entry: the restored step, 0 when starting fresh).
         restored: whether entering restored a checkpoint.
         preempted: whether a signal stopped the loop (after saving the step in progress).
+        finished: whether training reached its end (or ``run.stop()`` ended it) and that was saved.
+        stopped: whether ``run.stop()`` ended training early (saved: a re-run trains nothing).
         signal: the number of the signal that stopped it, or None.
         manager: the underlying :class:`~autockpt.CheckpointManager`.
         state: the mapping of names to objects that is saved and restored.
@@ -80,6 +116,7 @@ class Run:
         manager_options: dict[str, Any],
     ) -> None:
         self.state = state
+        self.state["loop"] = _Progress(self)
         self.manager = CheckpointManager(
             directory, save_interval_steps=every_n_steps, save_interval_seconds=every_n_seconds, **manager_options
         )
@@ -88,9 +125,14 @@ class Run:
         self.restored = False
         self.preempted = False
         self.finished = False
+        self.stopped = False
         self._metrics: dict[str, Any] = {}
         self._entered = False
         self._stepping = False
+        self._in_step = False  # run.steps(): a value was yielded and its body has not finished
+        self._epochs_done = 0
+        self._saved_step: int | None = None  # the newest step known to have a checkpoint
+        self._exit_on_stop = False  # run.epochs(): a preemption ends the process (raises Preempted)
 
     @property
     def signal(self) -> int | None:
@@ -112,7 +154,16 @@ class Run:
         self._watcher.install()
         originals = dict(self.state)
         try:
-            restored = self.manager.restore(self.state)
+            try:
+                restored = self.manager.restore(self.state)
+            except StateMismatchError as e:  # written before the loop's own entry existed: restore the rest
+                if e.missing != ["loop"] or e.unexpected or e.mismatched:
+                    raise
+                progress = self.state.pop("loop")
+                try:
+                    restored = self.manager.restore(self.state)
+                finally:
+                    self.state["loop"] = progress
             for key, orig in originals.items():  # plain containers were replaced in self.state: update them
                 new = self.state[key]
                 if new is not orig and isinstance(orig, MutableMapping) and isinstance(new, Mapping):
@@ -128,8 +179,10 @@ class Run:
             raise
         self.restored = restored is not None
         self.step = restored or 0
+        self._saved_step = restored
         if self.restored:
-            log.info("autockpt: resuming at step %d from %s", self.step, self.manager.directory)
+            log.info("autockpt: resuming at step %d from %s%s", self.step, self.manager.directory,
+                     " (training was stopped early: nothing to train)" if self.stopped else "")
         else:
             log.info("autockpt: no checkpoint in %s; starting fresh", self.manager.directory)
         return self
@@ -143,7 +196,7 @@ class Run:
     # ------------------------------------------------------------------------------------------ the loop
     def steps(self, total: int) -> Iterator[int]:
         """Yield ``run.step, ..., total - 1``; save after each completed step that is due, on preemption and at
-        the end. Stops early (after saving) when a watched signal arrived.
+        the end. Stops early (after saving) when a watched signal arrived, or after ``run.stop()``.
 
         ```python
         for step in run.steps(1000):
@@ -161,11 +214,17 @@ class Run:
     def _steps(self, total: int) -> Iterator[int]:
         self._stepping = True
         try:
+            if self.stopped:
+                return
             if self._signalled():  # a signal came before the first step
                 self._stop()
                 return
             while self.step < total:
+                self._in_step = True
                 yield self.step
+                if self.stopped:  # run.stop() in the body counted and saved the step
+                    return
+                self._in_step = False
                 # the body for that value returned: one more update is complete
                 self.step += 1
                 if self.step >= total:
@@ -173,11 +232,93 @@ class Run:
                 if self._signalled():
                     self._stop()
                     return
-                self.manager.save(self.step, self.state, metrics=self._metrics)
-            self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
-            self.finished = True
+                self._save()
+            self._finish()
         finally:
-            self._stepping = False
+            self._stepping = self._in_step = False
+
+    def epochs(self, start: int, stop: int | None = None) -> Iterator[int]:
+        """Yield epoch numbers like ``range(start, stop)`` (or ``range(start)``), from the restored epoch on.
+
+        Wrap the epoch loop of an ordinary script; its body iterates the loader passed as ``data=`` (an
+        :class:`autockpt.ResumableLoader`) as usual. Each batch the loop takes is one step: when it asks
+        for the next batch (or the epoch ends) the previous step is complete, counted, and saved when due
+        (``every_n_steps``); the save of an epoch's last step waits until the per-epoch code after the batch
+        loop (evaluation, ``scheduler.step()``) has run. A resumed epoch starts at the first batch not yet
+        trained (the earlier ones are not loaded); per-epoch code stays where it is.
+
+        Preemption (SIGTERM/SIGUSR1): the step in progress finishes (or, in per-epoch code, the epoch's code
+        finishes), its checkpoint is committed, a log line says which step, and the process ends with
+        ``128 + signal`` (``autockpt.preemption.Preempted``, a ``SystemExit``): code after the loop does not
+        run on a half-trained model. Without a ``with`` block the run is entered here and closed at the end.
+
+        ```python
+        import torch, autockpt
+        model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = autockpt.ResumableLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4,
+                                          shuffle=True)
+        run = autockpt.resume("/tmp/epochs_demo", model=model, optimizer=opt, data=loader, every_n_steps=2)
+        for epoch in run.epochs(1, 4):            # like range(1, 4)
+            for (x,) in loader:                   # one step per batch
+                opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+            print(epoch, run.step)                # per-epoch code stays where it is
+        ```
+        """
+        first, end = (0, start) if stop is None else (start, stop)
+        for name, value in (("start", first), ("stop", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"epochs({name}=...) must be an int, got {value!r}")
+        loader = self.state.get("data")
+        if not isinstance(loader, ResumableLoader):
+            raise InvalidArgumentError(
+                "run.epochs() counts a step per batch of the loader passed as data=; pass "
+                "data=autockpt.ResumableLoader(dataset, batch_size=..., shuffle=True) to autockpt.resume"
+            )
+        if self._stepping:
+            raise InvalidArgumentError("this run is already being iterated; one loop per run")
+        return self._epochs(first, end, loader)
+
+    def _epochs(self, first: int, end: int, loader: ResumableLoader) -> Iterator[int]:
+        own = not self._entered
+        if own:
+            self.__enter__()
+        self._stepping = self._exit_on_stop = True
+        loader._run = self
+        try:
+            if self.stopped:
+                return
+            if self._signalled():  # came before the first step (e.g. while restoring)
+                self._stop()
+            while first + self._epochs_done < end:
+                loader._next_epoch(self._epochs_done)
+                yield first + self._epochs_done
+                if self.stopped:
+                    return
+                if loader._pending:  # the loop left the batch loop early: its last batch's step is complete
+                    loader._pending = False
+                    self._complete_step(deferred=True)
+                self._epochs_done += 1  # the epoch's code ran: the checkpoint of this step holds the next epoch
+                loader._next_epoch(self._epochs_done)
+                if first + self._epochs_done >= end:
+                    break
+                if self._signalled():
+                    self._stop()
+                self._save()
+            self._finish()
+        finally:
+            loader._run = None
+            self._stepping = self._exit_on_stop = False
+            if own:
+                self.__exit__(None, None, None)
+
+    def _complete_step(self, deferred: bool = False) -> None:
+        """A step finished (under ``run.epochs()``, when the loop asks for the next batch): count it, stop if
+        signalled, else save when due (``deferred``: at the epoch's end, after its per-epoch code)."""
+        self.step += 1
+        if self._signalled():
+            self._stop()
+        elif not deferred:
+            self._save()
 
     def _signalled(self) -> bool:
         """Whether to stop: this process got a signal or, under torch.distributed, any rank did."""
@@ -187,13 +328,81 @@ class Run:
             return any_rank(self._watcher.triggered)
         return self._watcher.triggered
 
+    def _save(self, force: bool = False) -> bool:
+        written = self.manager.save(self.step, self.state, metrics=self._metrics, force=force)
+        if written:
+            self._saved_step = self.step
+        return written
+
+    def _say_stopping(self, written: bool) -> None:
+        name = signal.Signals(self._watcher.received).name if self._watcher.received else "SIGTERM"
+        directory, code = self.manager.directory, self.exit_code
+        if written:
+            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self.step, directory,
+                        code)
+        elif self._saved_step == self.step:
+            log.warning("autockpt: %s: no step completed since step %d (the newest checkpoint in %s); stopping "
+                        "(exit code %d)", name, self.step, directory, code)
+        else:
+            log.error("autockpt: %s: could not save step %d to %s (the newest checkpoint is step %s); stopping "
+                      "(exit code %d)", name, self.step, directory, self._saved_step, code)
+
     def _stop(self) -> None:
-        self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
+        """Preempted: save the step (unless it has a checkpoint), say so, and stop."""
+        written = self._save(force=True)
         self.manager.wait_until_finished()
         self.preempted = True
-        name = signal.Signals(self._watcher.received).name if self._watcher.received else "?"
-        log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self.step,
-                    self.manager.directory, self.exit_code)
+        self._say_stopping(written)
+        self._leave()
+
+    def _finish(self) -> None:
+        """The end: save the last step; a signal that came meanwhile still ends the process with its code."""
+        written = self._save(force=True)
+        self.manager.wait_until_finished()
+        self.finished = True
+        if self._signalled():
+            self.preempted = True
+            self._say_stopping(written)
+            self._leave()
+
+    def _leave(self) -> None:
+        if self._exit_on_stop:  # run.epochs(): end the process with 128 + signal, the checkpoint committed
+            self.manager.close()
+            self._watcher.uninstall()
+            raise Preempted(self.exit_code)
+
+    def stop(self) -> None:
+        """End training on purpose (early stopping): the step in progress counts as complete, it is saved as
+        finished, and the loop ends (at its next iteration, or ``break`` at once). A re-run of the script
+        restores it and trains nothing, whatever the number of steps or epochs it asks for.
+
+        ```python
+        import torch, autockpt
+        model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = autockpt.ResumableLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+        run = autockpt.resume("/tmp/stop_demo", model=model, optimizer=opt, data=loader)
+        for epoch in run.epochs(100):
+            for (x,) in loader:
+                opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+            if epoch == 2:                        # e.g. no improvement for a while
+                run.stop()
+                break
+        assert run.stopped and run.step == 6      # and a re-run trains nothing
+        ```
+        """
+        if not self._entered:
+            raise InvalidArgumentError("run.stop() is for inside the training loop of an entered run")
+        loader = self.state.get("data")
+        if self._in_step or (isinstance(loader, ResumableLoader) and loader._pending):
+            self.step += 1
+            self._in_step = False
+            if isinstance(loader, ResumableLoader):
+                loader._pending = False
+        self.stopped = True
+        self._save(force=True)
+        self.manager.wait_until_finished()
+        self.finished = True
+        log.info("autockpt: training stopped early at step %d; saved to %s", self.step, self.manager.directory)
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Endless batches: iterate ``loader`` epoch after epoch (from its restored position).
@@ -213,7 +422,7 @@ class Run:
 
     def save(self) -> bool:
         """Save the current step now (between steps), whether due or not; False if it already has a checkpoint."""
-        return self.manager.save(self.step, self.state, metrics=self._metrics, force=True)
+        return self._save(force=True)
 
 
 def resume(

@@ -21,6 +21,12 @@ log = logging.getLogger("autockpt")
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class Preempted(SystemExit):
+    """Raised by ``run.epochs()`` once the preemption checkpoint is committed: it ends the process with
+    ``128 + signal`` (143 for SIGTERM) so that a scheduler restarts it, and skips the code after the loop.
+    In a notebook, catch it: ``except autockpt.preemption.Preempted as e: e.code``."""
+
+
 def _signal_numbers(signals: Iterable[int | str]) -> tuple[int, ...]:
     out = []
     for s in signals:
