@@ -38,7 +38,8 @@ How it hooks into Lightning (2.6; see ``SUPPORTED_LIGHTNING``):
   finished and running the same ``fit`` again trains nothing.
 
 The only private Lightning attributes used are in ``_dump_lightning_checkpoint``, ``_inject_lightning_checkpoint``,
-``_clear_lightning_sigterm`` and ``_exit_after_teardown``; ``tests/test_lightning.py`` pins them.
+``_as_between_epochs``, ``_clear_lightning_sigterm`` and
+``_exit_after_teardown``; ``tests/test_lightning.py`` pins them.
 """
 
 from __future__ import annotations
@@ -109,6 +110,19 @@ def _inject_lightning_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> No
     its ``restore_model``/``restore_callbacks``/``restore_training_state`` then restore from it and free it.
     """
     trainer._checkpoint_connector._loaded_checkpoint = checkpoint
+
+
+def _as_between_epochs(ckpt: dict[str, Any]) -> None:
+    """A checkpoint dumped in ``on_train_epoch_start`` made to look as if taken between the two epochs.
+
+    Lightning counts the epoch as "ready" just before that hook; with the count taken back, its restore sees all
+    previous epochs completed and nothing started, and starts the next epoch from its first batch (a checkpoint
+    dumped after the increment would resume into the finished previous epoch instead).
+    """
+    progress = ckpt["loops"]["fit_loop"]["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        if counts["ready"] == counts["started"] + 1:
+            counts["ready"] -= 1
 
 
 def _clear_lightning_sigterm(trainer: Any) -> None:
@@ -377,6 +391,7 @@ class AutoCheckpoint(_Base):
         self._stopped_early = False
         self._val_step: int | None = None  # global step at which validation last logged ``monitor``
         self._quiet: Any = None
+        self._stop_at_start = 0
 
     @property
     def state_key(self) -> str:
@@ -461,6 +476,8 @@ class AutoCheckpoint(_Base):
         import torch
 
         self._take_over_signals(trainer)
+        # a signal during the restore or the sanity check: stop before the first step (at its batch start)
+        self._stop_at_start = self._agree(trainer)
         if self._seed is None:
             self._seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self._samplers = []
@@ -520,6 +537,9 @@ class AutoCheckpoint(_Base):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._unquiet()
+        if self._stop_at_start:
+            self._preempted(trainer, self._stop_at_start)
+            raise StopIteration  # nothing trained since the newest checkpoint; nothing to save
         if self._pending is not None:
             rng = self._pending.get("rng")
             self._pending = None
@@ -585,7 +605,7 @@ class AutoCheckpoint(_Base):
         step = int(trainer.global_step)
         sig = self._agree(trainer)
         if step != self._last_saved_step and step != 0 and (self._epoch_end_due or sig):
-            self._save(trainer, step)
+            self._save(trainer, step, between_epochs=True)
         self._epoch_end_due = False
         if sig:
             self._preempted(trainer, sig)
@@ -611,8 +631,10 @@ class AutoCheckpoint(_Base):
         if sig:
             self._preempted(trainer, sig)
 
-    def _save(self, trainer: Any, step: int) -> None:
+    def _save(self, trainer: Any, step: int, between_epochs: bool = False) -> None:
         ckpt = _dump_lightning_checkpoint(trainer)
+        if between_epochs:
+            _as_between_epochs(ckpt)
         for key in _HPARAM_KEYS:
             if key in ckpt:
                 ckpt[key] = _plain_hparams(dict(ckpt[key]))
