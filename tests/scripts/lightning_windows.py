@@ -8,7 +8,8 @@ default 4, monitor="val_loss"); ``--at`` only decides when the process sends SIG
 ``restore`` (while Lightning restores the checkpoint), ``save:S`` (during autockpt's save of step S),
 ``val:E`` (first validation batch of epoch E), ``after:S`` (a callback after AutoCheckpoint, at the end of the
 batch that reached step S), ``end`` (the module's on_train_end, after the last save).
-``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--no-exit``: exit_on_preemption=False.
+``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--no-exit``: exit_on_preemption=False (the
+test runs that variant in its own process, through ``main``).
 Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "END ..." and, when ``fit``
 returned, "AFTER_FIT"; writes the weights when the run was not preempted.
 """
@@ -26,14 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autockpt.integrations.lightning import AutoCheckpoint
 
-ckpt_dir, log_file, out_weights = sys.argv[1:4]
-opts = sys.argv[4:]
-at = opts[opts.index("--at") + 1] if "--at" in opts else ""
-every = int(opts[opts.index("--every") + 1]) if "--every" in opts else 4
-window, _, arg = at.partition(":")
-torch.set_num_threads(1)
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-logging.getLogger("lightning").setLevel(logging.WARNING)
+window, arg, log_file = "", "", ""
 
 
 def write(line: str) -> None:
@@ -41,8 +35,8 @@ def write(line: str) -> None:
         f.write(line + "\n")
 
 
-def kill_self(where: str) -> None:
-    write(f"SIGNAL {where}")
+def kill_self() -> None:
+    write(f"SIGNAL {window}:{arg}" if arg else f"SIGNAL {window}")
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -57,7 +51,7 @@ class Net(pl.LightningModule):
         idx, x, y = batch
         write(f"STEP {self.global_step} {','.join(str(int(i)) for i in idx)}")
         if window == "step" and self.global_step == int(arg):
-            kill_self(at)
+            kill_self()
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def validation_step(self, batch, batch_idx):
@@ -65,7 +59,7 @@ class Net(pl.LightningModule):
         if batch_idx == 0 and ((window == "sanity" and self.trainer.sanity_checking)
                                or (window == "val" and not self.trainer.sanity_checking
                                    and self.current_epoch == int(arg))):
-            kill_self(at)
+            kill_self()
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         self.val_losses.append(loss)
         return loss
@@ -80,15 +74,15 @@ class Net(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         if window == "save" and self.global_step == int(arg):
-            kill_self(at)
+            kill_self()
 
     def on_load_checkpoint(self, checkpoint):
         if window == "restore":
-            kill_self(at)
+            kill_self()
 
     def on_train_end(self):
         if window == "end":
-            kill_self(at)
+            kill_self()
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -98,27 +92,43 @@ class Net(pl.LightningModule):
 class After(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if window == "after" and trainer.global_step == int(arg):
-            kill_self(at)
+            kill_self()
 
 
-pl.seed_everything(7, workers=True)
-gen = torch.Generator().manual_seed(0)
-train = TensorDataset(torch.arange(24), torch.randn(24, 4, generator=gen), torch.randn(24, 1, generator=gen))
-val = TensorDataset(torch.arange(8), torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen))
-cb = AutoCheckpoint(ckpt_dir, every_n_train_steps=every, max_to_keep=None, monitor="val_loss",
-                    exit_on_preemption="--no-exit" not in opts)
-callbacks = [cb, After()]
-if "--early" in opts:  # "ep" reaches 1.0 at the end of epoch 1: should_stop, 2 epochs of 3
-    callbacks.append(EarlyStopping(monitor="ep", mode="max", stopping_threshold=1.0))
-trainer = pl.Trainer(max_epochs=3, accelerator="cpu", deterministic=True, enable_progress_bar=False, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
-model = Net()
-write("START")
-try:
-    trainer.fit(model, DataLoader(train, batch_size=4, shuffle=True), DataLoader(val, batch_size=4))
-finally:
-    write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step} "
-          f"exit_code={cb.exit_code}")
-write("AFTER_FIT")
-if not cb.preempted:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_weights)
+def main(argv: list[str]) -> AutoCheckpoint:
+    """One run; ``tests/test_lightning.py`` also calls it in its own process (with ``--no-exit``)."""
+    global window, arg, log_file
+    ckpt_dir, log_file, out_weights = argv[:3]
+    opts = argv[3:]
+    at = opts[opts.index("--at") + 1] if "--at" in opts else ""
+    every = int(opts[opts.index("--every") + 1]) if "--every" in opts else 4
+    window, _, arg = at.partition(":")
+    pl.seed_everything(7, workers=True)
+    gen = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.arange(24), torch.randn(24, 4, generator=gen), torch.randn(24, 1, generator=gen))
+    val = TensorDataset(torch.arange(8), torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen))
+    cb = AutoCheckpoint(ckpt_dir, every_n_train_steps=every, max_to_keep=None, monitor="val_loss",
+                        exit_on_preemption="--no-exit" not in opts)
+    callbacks = [cb, After()]
+    if "--early" in opts:  # "ep" passes 0.5 at the end of epoch 1: should_stop, 2 epochs of 3
+        callbacks.append(EarlyStopping(monitor="ep", mode="max", stopping_threshold=0.5))
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", deterministic=True, enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
+    model = Net()
+    write("START")
+    try:
+        trainer.fit(model, DataLoader(train, batch_size=4, shuffle=True), DataLoader(val, batch_size=4))
+    finally:
+        write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step} "
+              f"exit_code={cb.exit_code}")
+    write("AFTER_FIT")
+    if not cb.preempted:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_weights)
+    return cb
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    main(sys.argv[1:])
