@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import inspect
 import os
 import random
 import signal
@@ -229,6 +231,10 @@ def test_private_lightning_pieces_still_exist() -> None:
         connector._loaded_checkpoint = {"marker": 1}
         connector.resume_start(None)
         assert connector._loaded_checkpoint == {"marker": 1}
+        # _exit_after_teardown: profiler.describe() is the last call of the teardown, after the loggers' finalize
+        source = inspect.getsource(importlib.import_module(f"{package.__name__}.trainer.call")._call_teardown_hook)
+        assert source.rstrip().endswith("trainer.profiler.describe()")
+        assert source.index("logger.finalize") < source.index("profiler.describe")
 
 
 @pytest.mark.parametrize("kwargs", [
