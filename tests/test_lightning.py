@@ -174,6 +174,7 @@ def test_ddp_two_processes_killed_and_resumed(tmp_path: Path) -> None:
         assert [s for s, _ in runs[1]][0] == saved  # resumed right after the checkpoint (steps log 0-based)
         # preempted on both ranks at the same step, the one rank 0 reached; continued right after it
         assert ends[0]["preempted"] == "1" and int(ends[0]["step"]) == runs[1][-1][0] + 1
+        assert ends[0]["exit_code"] == "143"  # every rank leaves with the same code
         assert [s for s, _ in runs[2]][0] == runs[1][-1][0] + 1
         for run in runs:
             steps = [s for s, _ in run]
@@ -352,6 +353,8 @@ def _check_exact(tmp: Path, reference: Path) -> None:
     (ref_run,) = _wlog(reference)
     assert [x for x in lines if x.startswith("STEP")] == [x for x in ref_run if x.startswith("STEP")]
     assert [x for x in lines if x.startswith("VAL")] == [x for x in ref_run if x.startswith("VAL")]
+    # no validation and no on_train_epoch_end for a partial epoch; each epoch ended once
+    assert [x for x in lines if x.startswith("EPOCH_END")] == [x for x in ref_run if x.startswith("EPOCH_END")]
 
 
 @pytest.mark.timeout(300)

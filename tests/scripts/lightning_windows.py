@@ -10,7 +10,8 @@ default 4, monitor="val_loss"); ``--at`` only decides when the process sends SIG
 batch that reached step S), ``end`` (the module's on_train_end, after the last save).
 ``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--no-exit``: exit_on_preemption=False (the
 test runs that variant in its own process, through ``main``).
-Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "END ..." and, when ``fit``
+Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "EPOCH_END <epoch>",
+"END ..." and, when ``fit``
 returned, "AFTER_FIT"; writes the weights when the run was not preempted.
 """
 
@@ -71,6 +72,9 @@ class Net(pl.LightningModule):
         self.log("ep", float(self.current_epoch))
         if not self.trainer.sanity_checking:
             write(f"VAL {self.current_epoch} {float(loss)!r}")
+
+    def on_train_epoch_end(self):
+        write(f"EPOCH_END {self.current_epoch}")
 
     def on_save_checkpoint(self, checkpoint):
         if window == "save" and self.global_step == int(arg):
