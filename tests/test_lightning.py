@@ -382,6 +382,19 @@ def test_signal_in_every_window_commits_and_resumes_exactly(tmp_path: Path, wref
     _check_exact(tmp_path, wreference)
 
 
+def test_epoch_boundary_checkpoint_resumes_exactly_with_max_steps(tmp_path: Path, windows_main: Any,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """With max_steps Lightning restores every checkpoint as "restarting"; the one taken between two epochs
+    (after validation of epoch 1, step 12) must still start epoch 2 from its first batch."""
+    (tmp_path / "ref").mkdir()
+    _inproc(windows_main, tmp_path / "ref", caplog, "--max-steps", "16")
+    cb, _, _ = _inproc(windows_main, tmp_path, caplog, "--max-steps", "16", "--at", "val:1")
+    assert cb.exit_code == 143 and autockpt.CheckpointManager(tmp_path / "ckpt").latest_step == 12
+    cb, _, _ = _inproc(windows_main, tmp_path, caplog, "--max-steps", "16")
+    assert cb.restored_step == 12 and not cb.preempted
+    _check_exact(tmp_path, tmp_path / "ref")
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.environ.get("AUTOCKPT_FULL"), reason="long variant: set AUTOCKPT_FULL=1")
 def test_signal_in_every_window_exits_143_in_child_processes(tmp_path: Path, wreference: Path) -> None:

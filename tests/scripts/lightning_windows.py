@@ -8,7 +8,8 @@ default 4, monitor="val_loss"); ``--at`` only decides when the process sends SIG
 ``restore`` (while Lightning restores the checkpoint), ``save:S`` (during autockpt's save of step S),
 ``val:E`` (first validation batch of epoch E), ``after:S`` (a callback after AutoCheckpoint, at the end of the
 batch that reached step S), ``end`` (the module's on_train_end, after the last save).
-``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--no-exit``: exit_on_preemption=False (the
+``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--max-steps N``: stop at step N, not after 3
+epochs. ``--no-exit``: exit_on_preemption=False (the
 test runs that variant in its own process, through ``main``).
 Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "EPOCH_END <epoch>",
 "END ..." and, when ``fit``
@@ -116,7 +117,9 @@ def main(argv: list[str]) -> AutoCheckpoint:
     callbacks = [cb, After()]
     if "--early" in opts:  # "ep" passes 0.5 at the end of epoch 1: should_stop, 2 epochs of 3
         callbacks.append(EarlyStopping(monitor="ep", mode="max", stopping_threshold=0.5))
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", deterministic=True, enable_progress_bar=False, logger=False,
+    max_steps = int(opts[opts.index("--max-steps") + 1]) if "--max-steps" in opts else -1
+    trainer = pl.Trainer(max_epochs=3 if max_steps == -1 else -1, max_steps=max_steps, accelerator="cpu",
+                         deterministic=True, enable_progress_bar=False, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
     model = Net()
     write("START")

@@ -119,10 +119,16 @@ def _as_between_epochs(ckpt: dict[str, Any]) -> None:
     previous epochs completed and nothing started, and starts the next epoch from its first batch (a checkpoint
     dumped after the increment would resume into the finished previous epoch instead).
     """
-    progress = ckpt["loops"]["fit_loop"]["epoch_progress"]
+    loop = ckpt["loops"]["fit_loop"]
+    progress = loop["epoch_progress"]
     for counts in (progress["total"], progress["current"]):
         if counts["ready"] == counts["started"] + 1:
             counts["ready"] -= 1
+    # the batch counters of the epoch that ended, as Lightning resets them when an epoch starts (with max_steps
+    # Lightning restores as "restarting" and would otherwise take the new epoch for the finished one)
+    batches = loop["epoch_loop.batch_progress"]
+    batches["current"] = {k: 0 for k in batches["current"]}
+    batches["is_last_batch"] = False
 
 
 def _clear_lightning_sigterm(trainer: Any) -> None:
