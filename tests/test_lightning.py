@@ -121,10 +121,11 @@ def _check_resumed(tmp: Path, reference: dict[str, Any], sigterm_runs: set[int])
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
-def test_killed_and_resumed_matches_uninterrupted(tmp_path: Path, reference: dict[str, Any], package: str) -> None:
+def test_killed_and_resumed_matches_uninterrupted(tmp_path: Path, reference: dict[str, Any], package: str,
+                                                  seed: int) -> None:
     if package == "pytorch_lightning":
         pytest.importorskip("pytorch_lightning")
-    rng = random.Random(os.getpid())
+    rng = random.Random(seed)
     if package == "pytorch_lightning":  # the other package's Trainer: one preemption mid-epoch, then finish
         rc, last = _run(tmp_path, package, kill=(signal.SIGTERM, rng.randrange(3, 14)))
         assert rc == 128 + signal.SIGTERM and _ends(tmp_path / "log")[-1]["preempted"] == "1"
@@ -138,14 +139,14 @@ def test_killed_and_resumed_matches_uninterrupted(tmp_path: Path, reference: dic
     sigterm_runs = set()
     for i, (sig, at) in enumerate(kills):
         rc, last = _run(tmp_path, package, kill=(sig, at))
-        assert last is not None and last >= at
+        assert last is not None and last >= at, (seed, kills)
         if sig == signal.SIGTERM:
             sigterm_runs.add(i)
-            assert rc == 128 + signal.SIGTERM  # saved, then left with the scheduler's exit code
+            assert rc == 128 + signal.SIGTERM, (seed, kills)  # saved, then left with the scheduler's exit code
             assert _ends(tmp_path / "log")[-1]["preempted"] == "1"
             assert int(_ends(tmp_path / "log")[-1]["step"]) == last + 1
         else:
-            assert rc == -signal.SIGKILL
+            assert rc == -signal.SIGKILL, (seed, kills)
     rc, last = _run(tmp_path, package)
     assert rc == 0
     _check_resumed(tmp_path, reference, sigterm_runs)

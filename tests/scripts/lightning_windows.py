@@ -9,11 +9,9 @@ default 4, monitor="val_loss"); ``--at`` only decides when the process sends SIG
 ``val:E`` (first validation batch of epoch E), ``after:S`` (a callback after AutoCheckpoint, at the end of the
 batch that reached step S), ``end`` (the module's on_train_end, after the last save).
 ``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--max-steps N``: stop at step N, not after 3
-epochs. ``--no-exit``: exit_on_preemption=False (the
-test runs that variant in its own process, through ``main``).
+epochs. ``--no-exit``: exit_on_preemption=False (the test runs that variant in its own process, via ``main``).
 Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "EPOCH_END <epoch>",
-"END ..." and, when ``fit``
-returned, "AFTER_FIT"; writes the weights when the run was not preempted.
+"END ..." and, when ``fit`` returned, "AFTER_FIT"; writes the weights when the run was not preempted.
 """
 
 import logging
