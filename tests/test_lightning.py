@@ -436,6 +436,12 @@ def test_exit_on_preemption_false_returns_from_fit(tmp_path: Path, windows_main:
     assert autockpt.CheckpointManager(tmp_path / "ckpt").latest_step == 3
 
 
+def test_sigusr1_exit_code_is_138(tmp_path: Path, windows_main: Any, caplog: pytest.LogCaptureFixture) -> None:
+    cb, log, _ = _inproc(windows_main, tmp_path, caplog, "--at", "step:2", "--usr1")
+    assert cb.preempted and cb.signal == signal.SIGUSR1 and cb.exit_code == 128 + signal.SIGUSR1
+    assert f"autockpt: SIGUSR1: saved step 3 to {tmp_path / 'ckpt'}; stopping (exit code 138)" in log.splitlines()
+
+
 def test_checkpoint_metric_belongs_to_its_weights(wreference: Path) -> None:
     """Per-epoch checkpoints carry the validation loss of their own weights; mid-epoch ones carry none."""
     (run,) = _wlog(wreference)

@@ -9,7 +9,8 @@ default 4, monitor="val_loss"); ``--at`` only decides when the process sends SIG
 ``val:E`` (first validation batch of epoch E), ``after:S`` (a callback after AutoCheckpoint, at the end of the
 batch that reached step S), ``end`` (the module's on_train_end, after the last save).
 ``--early``: EarlyStopping ends the run after epoch 1 of 3. ``--max-steps N``: stop at step N, not after 3
-epochs. ``--no-exit``: exit_on_preemption=False (the test runs that variant in its own process, via ``main``).
+epochs. ``--usr1``: send SIGUSR1 instead. ``--no-exit``: exit_on_preemption=False (the test runs that variant
+in its own process, via ``main``).
 Logs "START", "STEP <global_step> <sample indices>", "VAL <epoch> <val_loss repr>", "EPOCH_END <epoch>",
 "END ..." and, when ``fit`` returned, "AFTER_FIT"; writes the weights when the run was not preempted.
 """
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autockpt.integrations.lightning import AutoCheckpoint
 
-window, arg, log_file = "", "", ""
+window, arg, log_file, signum = "", "", "", signal.SIGTERM
 
 
 def write(line: str) -> None:
@@ -37,7 +38,7 @@ def write(line: str) -> None:
 
 def kill_self() -> None:
     write(f"SIGNAL {window}:{arg}" if arg else f"SIGNAL {window}")
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
 
 
 class Net(pl.LightningModule):
@@ -100,12 +101,13 @@ class After(pl.Callback):
 
 def main(argv: list[str]) -> AutoCheckpoint:
     """One run; ``tests/test_lightning.py`` also calls it in its own process (with ``--no-exit``)."""
-    global window, arg, log_file
+    global window, arg, log_file, signum
     ckpt_dir, log_file, out_weights = argv[:3]
     opts = argv[3:]
     at = opts[opts.index("--at") + 1] if "--at" in opts else ""
     every = int(opts[opts.index("--every") + 1]) if "--every" in opts else 4
     window, _, arg = at.partition(":")
+    signum = signal.SIGUSR1 if "--usr1" in opts else signal.SIGTERM
     pl.seed_everything(7, workers=True)
     gen = torch.Generator().manual_seed(0)
     train = TensorDataset(torch.arange(24), torch.randn(24, 4, generator=gen), torch.randn(24, 1, generator=gen))
