@@ -1,8 +1,8 @@
 """Train a small LightningModule that survives kill -9 and SIGTERM: run it, interrupt it, run it again.
 
     PYTHONPATH=src python examples/lightning_fit.py /tmp/lightning_run
-    # kill -9 it part-way, or `kill -TERM <pid>` (it saves, then stops), then run the same command again:
-    # it continues from the newest checkpoint, mid-epoch included, with no ckpt_path.
+    # kill -9 it part-way, or `kill -TERM <pid>` (it saves, then leaves with exit code 143), then run the same
+    # command again: it continues from the newest checkpoint, mid-epoch included, with no ckpt_path.
 """
 
 import sys
@@ -41,10 +41,8 @@ def main(directory: str) -> None:
     trainer = pl.Trainer(max_epochs=5, accelerator="cpu", deterministic=True, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, callbacks=[ckpt])
     trainer.fit(Regressor(), data)  # no ckpt_path: AutoCheckpoint resumes by itself
-    if ckpt.preempted:
-        print(f"preempted at step {trainer.global_step}; checkpoint saved, run the same command to continue")
-    else:
-        print(f"done: step {trainer.global_step} (resumed from {ckpt.restored_step})")
+    # a preempted run does not get here: the process left with exit code 143 (exit_on_preemption=True)
+    print(f"done: step {trainer.global_step} (resumed from {ckpt.restored_step})")
 
 
 if __name__ == "__main__":

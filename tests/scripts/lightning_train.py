@@ -3,7 +3,8 @@
 usage: lightning_train.py CKPT_DIR LOG_FILE OUT_WEIGHTS PACKAGE [STRATEGY] [DELAY]
 Runs the identical ``trainer.fit(model, loader)`` every time; logs "START <restored step>" and, for every
 training step, "STEP <global_step> <sample indices>" to LOG_FILE (global rank 0 only), and prints the step.
-Writes the final weights (safetensors) to OUT_WEIGHTS when the run completes.
+Writes the final weights (safetensors) to OUT_WEIGHTS when the run completes; a preempted run leaves with
+exit code 143 (the END line is written on the way out).
 """
 
 import os
@@ -65,9 +66,12 @@ trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2 if strategy == "
                      enable_model_summary=False, callbacks=[cb])
 with open(rank_log(int(os.environ.get("LOCAL_RANK", "0"))), "a") as f:
     f.write(f"START pid={os.getpid()}\n")
-trainer.fit(model, loader)
-with open(rank_log(trainer.global_rank), "a") as f:
-    f.write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step}\n")
+try:
+    trainer.fit(model, loader)  # after a preemption it leaves the process with exit code 143 (SystemExit)
+finally:
+    with open(rank_log(trainer.global_rank), "a") as f:
+        f.write(f"END restored={cb.restored_step} preempted={int(cb.preempted)} step={trainer.global_step} "
+                f"exit_code={cb.exit_code}\n")
 if trainer.is_global_zero:
     if not cb.preempted:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_weights)

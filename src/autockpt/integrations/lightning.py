@@ -24,26 +24,46 @@ How it hooks into Lightning (2.6; see ``SUPPORTED_LIGHTNING``):
   order is fixed by a seed and the epoch number, and on a mid-epoch resume the epoch continues after the batches
   already trained, without loading them. The global RNGs (Python, NumPy, torch) are saved with each checkpoint
   and put back right before the first resumed batch.
-- Preemption: SIGTERM/SIGUSR1 set a flag (Lightning's own handlers, SLURM's included, keep running); at the end
-  of the current batch all ranks agree, the callback saves, and ``trainer.fit`` returns normally.
+- Preemption: SIGTERM/SIGUSR1 only set a flag, from ``setup`` (before the restore) to the end of ``fit``; once
+  Lightning installed its own SIGTERM handler the callback puts its handler back on top, so Lightning never raises
+  its ``SIGTERMException`` (handlers installed before ``fit`` still run). The flag is acted on at points where all
+  ranks agree and the state is a valid resume point: the end of a training batch inside an epoch, the start of an
+  epoch (after the previous epoch's validation and ``on_train_epoch_end``), and the end of training. A signal in
+  the last batch of an epoch or during its validation lets that validation and epoch end finish first, so the
+  resumed run is exact. After the save the process leaves with exit code ``128 + signal`` once ``fit``'s teardown
+  is done (``exit_on_preemption=False``: ``fit`` returns and ``exit_code`` says it).
+- Saves due at an epoch's last batch are taken at the epoch boundary, after validation and ``on_train_epoch_end``,
+  so a checkpoint carries the validation metric of its own weights and the callbacks' epoch-end state
+  (EarlyStopping, ...). The last step is always saved; a run that ``trainer.should_stop`` ended is recorded as
+  finished and running the same ``fit`` again trains nothing.
 
-The only private Lightning attributes used are in ``_dump_lightning_checkpoint``, ``_inject_lightning_checkpoint``
-and ``_clear_lightning_sigterm``; ``tests/test_lightning.py`` pins them.
+The only private Lightning attributes used are in ``_dump_lightning_checkpoint``, ``_inject_lightning_checkpoint``,
+``_as_between_epochs``, ``_clear_lightning_sigterm`` and
+``_exit_after_teardown``; ``tests/test_lightning.py`` pins them.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import importlib
 import logging
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError, StateMismatchError
-from autockpt.format import is_stateful
+from autockpt.errors import (
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    SaveError,
+    StateMismatchError,
+    UnsupportedValueError,
+)
+from autockpt.format import TreeEncoder, is_stateful
 from autockpt.manager import CheckpointManager
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
 from autockpt.reader import load
@@ -92,11 +112,59 @@ def _inject_lightning_checkpoint(trainer: Any, checkpoint: dict[str, Any]) -> No
     trainer._checkpoint_connector._loaded_checkpoint = checkpoint
 
 
+def _as_between_epochs(ckpt: dict[str, Any]) -> None:
+    """A checkpoint dumped in ``on_train_epoch_start`` made to look as if taken between the two epochs.
+
+    Lightning counts the epoch as "ready" just before that hook; with the count taken back, its restore sees all
+    previous epochs completed and nothing started, and starts the next epoch from its first batch (a checkpoint
+    dumped after the increment would resume into the finished previous epoch instead).
+    """
+    loop = ckpt["loops"]["fit_loop"]
+    progress = loop["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        if counts["ready"] == counts["started"] + 1:
+            counts["ready"] -= 1
+    # the batch counters of the epoch that ended, as Lightning resets them when an epoch starts (with max_steps
+    # Lightning restores as "restarting" and would otherwise take the new epoch for the finished one)
+    batches = loop["epoch_loop.batch_progress"]
+    batches["current"] = {k: 0 for k in batches["current"]}
+    batches["is_last_batch"] = False
+
+
 def _clear_lightning_sigterm(trainer: Any) -> None:
-    """After our preemption save, stop Lightning raising ``SIGTERMException`` so ``fit`` returns normally."""
+    """Forget a SIGTERM Lightning's handler saw, so Lightning does not raise ``SIGTERMException`` for it."""
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None and hasattr(connector, "received_sigterm"):
         connector.received_sigterm = False
+
+
+def _exit_after_teardown(trainer: Any, code: int) -> None:
+    """Leave the process with ``code`` once ``fit`` finished its teardown.
+
+    ``profiler.describe()`` is the last call of Lightning's teardown (after the callbacks', the module's and the
+    datamodule's ``teardown`` and the loggers' ``finalize``); the ``SystemExit`` raised right after it goes through
+    Lightning's interrupt path (``on_exception``, loggers finalized as "failed"), as Lightning's own SIGTERM
+    handling does. With Lightning's subprocess launcher (``strategy="ddp"`` started from a script), global rank 0
+    first waits for the other ranks to leave, so its child-process observer does not kill it for their exit code.
+    """
+    profiler = trainer.profiler
+    original = profiler.describe
+
+    def describe() -> None:
+        profiler.__dict__.pop("describe", None)
+        original()
+        procs = getattr(trainer.strategy.launcher, "procs", None)
+        if trainer.is_global_zero and isinstance(procs, list) and procs:
+            children = list(procs)
+            procs.clear()  # the observer thread polls this list; empty, it stops watching
+            for p in children:
+                try:
+                    p.wait(timeout=120)
+                except Exception:  # noqa: BLE001 - leave anyway
+                    pass
+        raise SystemExit(code)
+
+    profiler.describe = describe
 
 
 # --------------------------------------------------------------------------------- data order
@@ -158,6 +226,61 @@ def _flat_loaders(obj: Any) -> list[Any]:
     return [obj]
 
 
+# --------------------------------------------------------------------------------- checks
+
+
+def _plain_hparams(value: Any) -> Any:
+    """An ``argparse.Namespace`` or dataclass instance (nested too) as its dict; everything else unchanged."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain_hparams(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_hparams(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain_hparams(v) for v in value)
+    return value
+
+
+_HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def _check_hparams(trainer: Any, pl_module: Any) -> None:
+    """Raise now, before any step, if the hyperparameters cannot be stored without pickle."""
+    sources = {"hyper_parameters": pl_module, "datamodule_hyper_parameters": getattr(trainer, "datamodule", None)}
+    for key, owner in sources.items():
+        hparams = getattr(owner, "hparams", None) if owner is not None else None
+        if not hparams:
+            continue
+        try:
+            TreeEncoder().encode(_plain_hparams(dict(hparams)), (STATE_NAME, key))
+        except UnsupportedValueError as e:
+            raise UnsupportedValueError(
+                f"{e}. AutoCheckpoint stores the hyperparameters of save_hyperparameters() as JSON: leave this one "
+                "out with save_hyperparameters(ignore=[...]) or store it as plain values (a dict); argparse "
+                "Namespaces and dataclasses of plain values are stored as their dict"
+            ) from None
+
+
+def _check_shapes(ckpt: Mapping[str, Any], pl_module: Any, step: int, directory: str) -> None:
+    """Raise ``StateMismatchError`` naming the parameters whose shapes differ, before anything is copied."""
+    own = pl_module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+           for k, v in ckpt["state_dict"].items()
+           if k in own and hasattr(v, "shape") and hasattr(own[k], "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise StateMismatchError(
+            f"the checkpoint of step {step} in {directory} does not fit this model; parameters with other shapes: "
+            + "; ".join(bad) + ". Build the model as it was when the checkpoint was written, or use a new directory",
+            mismatched=[b.split(":")[0] for b in bad],
+        )
+
+
+_NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+
 # --------------------------------------------------------------------------------- the callback
 
 
@@ -176,17 +299,23 @@ class AutoCheckpoint(_Base):
         directory: a local path or fsspec URL (``s3://bucket/run9``); one directory per run.
         every_n_train_steps: save when ``trainer.global_step`` is a multiple of this.
         train_time_interval: save when this much time (``datetime.timedelta`` or seconds) passed since the last save.
-        every_n_epochs: save at the end of every N-th epoch (its last batch). The default when no trigger is given
-            is ``every_n_epochs=1``. The last step of the run is always saved.
+        every_n_epochs: save at the end of every N-th epoch (after its validation). The default when no trigger
+            is given is ``every_n_epochs=1``. The last step of the run is always saved.
         max_to_keep: how many of the newest checkpoints to keep (``None``: all).
         keep_every_n_hours: also keep one checkpoint per N hours of the run, forever.
         monitor, mode, save_top_k: also keep the ``save_top_k`` best checkpoints by the logged metric ``monitor``
-            (from ``trainer.callback_metrics``), lower is better with ``mode="min"``.
+            (from ``trainer.callback_metrics``), lower is better with ``mode="min"``. A metric logged in
+            validation is stored only with the checkpoint of the weights it was computed for.
         storage_options: passed to fsspec (credentials, endpoint URL, ...).
-        preemption_signals: signals that mean "save and stop at the end of this batch"; ``None`` turns it off.
+        preemption_signals: signals that mean "save and stop"; ``None`` turns it off.
+        exit_on_preemption: after a signal stopped training and its checkpoint is committed, leave the process
+            with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
+            requeue the job and code after ``fit`` does not run on a half-trained model. ``False`` (notebooks):
+            ``fit`` returns; check ``preempted``/``exit_code``.
 
-    After ``fit``: ``restored_step`` is the step it resumed from (``None`` for a fresh start) and ``preempted``
-    says whether a signal stopped the run (the checkpoint was written; run the same ``fit`` again to continue).
+    After ``fit``: ``restored_step`` is the step it resumed from (``None`` for a fresh start), ``preempted`` says
+    whether a signal stopped the run (the checkpoint was written; run the same ``fit`` again to continue) and
+    ``exit_code`` is 0 or ``128 + signal``.
 
     ```python
     import lightning as L, torch
@@ -221,6 +350,7 @@ class AutoCheckpoint(_Base):
         save_top_k: int = 1,
         storage_options: dict[str, Any] | None = None,
         preemption_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
+        exit_on_preemption: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -236,6 +366,8 @@ class AutoCheckpoint(_Base):
             raise InvalidArgumentError(f"monitor must be a metric name (str) or None, got {monitor!r}")
         if monitor is None and (save_top_k != 1 or mode != "min"):
             raise InvalidArgumentError("mode and save_top_k need monitor='<logged metric name>' to rank checkpoints by")
+        if not isinstance(exit_on_preemption, bool):
+            raise InvalidArgumentError(f"exit_on_preemption must be True or False, got {exit_on_preemption!r}")
         keep_best = KeepBest(monitor, mode=mode, k=save_top_k) if monitor is not None else None  # type: ignore[arg-type]
         self._policy = RetentionPolicy(max_to_keep, keep_every_n_hours, keep_best)  # validates the options
         if storage_options is not None and not isinstance(storage_options, Mapping):
@@ -248,27 +380,48 @@ class AutoCheckpoint(_Base):
         self.every_n_epochs = every_n_epochs
         self.monitor = monitor
         self.storage_options = dict(storage_options or {})
-        self._watcher = PreemptionWatcher(preemption_signals) if preemption_signals is not None else None
+        self.exit_on_preemption = exit_on_preemption
+        self._watcher = _Watcher(preemption_signals) if preemption_signals is not None else None
         self.restored_step: int | None = None
         self.preempted = False
+        self.signal: int | None = None
         self._manager: CheckpointManager | None = None
         self._seed: int | None = None
         self._samplers: list[_ResumableSampler] = []
         self._pending: dict[str, Any] | None = None
         self._batches_done = 0
         self._last_saved_step: int | None = None
+        self._start_step = 0
         self._last_save_time = time.monotonic()
+        self._epoch_end_due = False
+        self._stopped_early = False
+        self._val_step: int | None = None  # global step at which validation last logged ``monitor``
+        self._quiet: Any = None
+        self._stop_at_start = 0
 
     @property
     def state_key(self) -> str:
         return str(self._generate_state_key(directory=self.directory))
+
+    @property
+    def exit_code(self) -> int:
+        """0 unless a signal stopped the run; then ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1)."""
+        return 128 + int(self.signal) if self.preempted and self.signal else 0
 
     # ------------------------------------------------------------------ resume
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
         self.preempted = False
+        self.signal = None
         self.restored_step = None
+        self._stopped_early = False
+        self._epoch_end_due = False
+        self._val_step = None
+        if self._watcher is not None:  # from here on, a signal (even during the restore) is a flag
+            self._watcher.received = None
+            self._watcher.install()
+        _check_hparams(trainer, pl_module)
         if trainer.is_global_zero:
             # only global rank 0 has a manager; this callback agrees with the other ranks itself
             self._manager = CheckpointManager(self.directory, self._policy.max_to_keep,
@@ -279,6 +432,7 @@ class AutoCheckpoint(_Base):
             step = None
         step = trainer.strategy.broadcast(step, src=0)
         self._last_saved_step = step
+        self._start_step = step or 0
         self._last_save_time = time.monotonic()
         if step is None:
             return
@@ -293,9 +447,10 @@ class AutoCheckpoint(_Base):
                 "autockpt.integrations.lightning.AutoCheckpoint (no Lightning checkpoint under 'lightning'); "
                 "use an empty directory for this run"
             )
+        _check_shapes(ckpt, pl_module, step, self.directory)
         _inject_lightning_checkpoint(trainer, ckpt)
         self.restored_step = step
-        log.info("autockpt: resuming Lightning training from step %d in %s", step, self.directory)
+        log.info("autockpt: resumed from step %d of %s", step, self.directory)
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self._samplers[0] if len(self._samplers) == 1 else None
@@ -306,6 +461,7 @@ class AutoCheckpoint(_Base):
             "gen_epoch": sampler.gen_epoch if sampler is not None else None,
             "gen_state": sampler.gen_state if sampler is not None else None,
             "rng": RNGState().state_dict(),
+            "stopped_early": self._stopped_early,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -313,14 +469,21 @@ class AutoCheckpoint(_Base):
         if state_dict.get("seed") is not None:
             self._seed = int(state_dict["seed"])
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def _take_over_signals(self, trainer: Any) -> None:
         if self._watcher is not None:
-            self._watcher.received = None
-            self._watcher.install()
+            self._watcher.take_over()
+            if self._watcher.triggered:
+                _clear_lightning_sigterm(trainer)
+
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._take_over_signals(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         import torch
 
+        self._take_over_signals(trainer)
+        # a signal during the restore or the sanity check: stop before the first step (at its batch start)
+        self._stop_at_start = self._agree(trainer)
         if self._seed is None:
             self._seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self._samplers = []
@@ -335,9 +498,17 @@ class AutoCheckpoint(_Base):
                 bs.sampler.seed = self._seed
                 bs.sampler.epoch = int(trainer.current_epoch)
                 self._samplers.append(bs.sampler)
+                if getattr(dl, "generator", None) is None:
+                    # starting an epoch's iterator then draws its worker base seed from this generator, not from
+                    # the global RNG, so the global RNG at an epoch's first batch is the one saved at its start
+                    dl.generator = torch.Generator().manual_seed(self._seed)
             else:
                 unwrappable.append(dl)
         pending = self._pending
+        if pending is not None and pending.get("stopped_early"):
+            trainer.should_stop = True  # the run was finished by should_stop (EarlyStopping, ...): train nothing
+            log.info("autockpt: the run in %s finished at step %s (trainer.should_stop); nothing to train",
+                     self.directory, self.restored_step)
         if pending is None or pending.get("epoch") is None:
             if pending is not None and pending.get("batches_done") and (unwrappable or len(self._samplers) > 1):
                 self._warn_inexact()
@@ -347,6 +518,10 @@ class AutoCheckpoint(_Base):
             s.resume_at = (int(pending["epoch"]), int(pending["batches_done"]))
             if pending.get("gen_epoch") is not None:
                 s.gen_epoch, s.gen_state = int(pending["gen_epoch"]), pending["gen_state"]
+            # autockpt positions the data: Lightning's "dataloader is not resumable" warning does not apply
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
         else:
             self._warn_inexact()
 
@@ -361,51 +536,122 @@ class AutoCheckpoint(_Base):
             stacklevel=2,
         )
 
+    def _unquiet(self) -> None:
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._unquiet()
+        if self._stop_at_start:
+            self._preempted(trainer, self._stop_at_start)
+            raise StopIteration  # nothing trained since the newest checkpoint; nothing to save
         if self._pending is not None:
             rng = self._pending.get("rng")
             self._pending = None
             if rng is not None:
                 RNGState().load_state_dict(rng)
 
+    # ------------------------------------------------------------------ preemption
+    def _agree(self, trainer: Any) -> int:
+        """The signal any rank received (0: none); every rank calls this at the same point."""
+        sig = self._watcher.received if self._watcher is not None and self._watcher.received else 0
+        if trainer.world_size > 1:
+            import torch
+
+            t = torch.tensor(float(sig), device=trainer.strategy.root_device)
+            sig = int(trainer.strategy.reduce(t, reduce_op="max").item())
+        return sig
+
+    def _preempted(self, trainer: Any, sig: int) -> None:
+        """Record the stop and log the convention's line; the newest completed step is committed."""
+        self.preempted = True
+        self.signal = sig
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        step = int(trainer.global_step)
+        if step == self._start_step or self._last_saved_step is None:
+            where = (f"no step completed since step {self._last_saved_step} (the newest checkpoint in "
+                     f"{self.directory})" if self._last_saved_step is not None
+                     else f"no step completed and there is no checkpoint in {self.directory}")
+        else:
+            where = f"saved step {self._last_saved_step} to {self.directory}"
+        if trainer.is_global_zero:
+            log.warning("autockpt: %s: %s; stopping (exit code %d)", name, where, self.exit_code)
+
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._batches_done = batch_idx + 1
         step = int(trainer.global_step)
         strategy = trainer.strategy
-        preempt = self._watcher is not None and self._watcher.triggered
-        if trainer.world_size > 1:
-            preempt = bool(strategy.reduce_boolean_decision(preempt, all=False))
+        last_batch = self._batches_done >= trainer.num_training_batches
         if step == self._last_saved_step or step == 0:
             due = False
         else:
             due = self.every_n_train_steps is not None and step % self.every_n_train_steps == 0
-            last_batch = self._batches_done >= trainer.num_training_batches
             if self.every_n_epochs is not None and last_batch:
                 due = due or (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            if 0 < trainer.max_steps <= step:
-                due = True
-            if last_batch and trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
-                due = True
             if self.train_time_interval is not None:
                 timed = time.monotonic() - self._last_save_time >= self.train_time_interval
                 due = due or bool(strategy.broadcast(timed, src=0) if trainer.world_size > 1 else timed)
-        if due or (preempt and step != self._last_saved_step):
+        if last_batch:
+            # the epoch's validation and on_train_epoch_end belong to this step: save at the epoch boundary
+            self._epoch_end_due = self._epoch_end_due or due
+            return
+        if due:
             self._save(trainer, step)
-        if preempt:
-            self.preempted = True
-            trainer.should_stop = True
-            _clear_lightning_sigterm(trainer)
-            log.warning("autockpt: preempted; saved step %d and stopping", step)
+        sig = self._agree(trainer)  # after the save: a signal during it counts too
+        if sig:
+            if step != self._last_saved_step:
+                self._save(trainer, step)
+            self._preempted(trainer, sig)
+            raise StopIteration  # ends the epoch here: no validation, no epoch end for the partial epoch
 
-    def _save(self, trainer: Any, step: int) -> None:
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._batches_done = 0
+        step = int(trainer.global_step)
+        sig = self._agree(trainer)
+        if step != self._last_saved_step and step != 0 and (self._epoch_end_due or sig):
+            self._save(trainer, step, between_epochs=True)
+        self._epoch_end_due = False
+        if sig:
+            self._preempted(trainer, sig)
+            raise StopIteration  # ends fit here, before the epoch starts
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.preempted:
+            raise StopIteration  # the partial epoch: skip the module's and the monitoring callbacks' epoch end
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking and self.monitor is not None and self.monitor in trainer.callback_metrics:
+            self._val_step = int(trainer.global_step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._unquiet()
+        if self.preempted:
+            return
+        step = int(trainer.global_step)
+        sig = self._agree(trainer)
+        self._stopped_early = bool(trainer.should_stop)
+        if step != self._last_saved_step and step != 0:
+            self._save(trainer, step)  # the last step is always saved, whatever ended fit
+        if sig:
+            self._preempted(trainer, sig)
+
+    def _save(self, trainer: Any, step: int, between_epochs: bool = False) -> None:
         ckpt = _dump_lightning_checkpoint(trainer)
+        if between_epochs:
+            _as_between_epochs(ckpt)
+        for key in _HPARAM_KEYS:
+            if key in ckpt:
+                ckpt[key] = _plain_hparams(dict(ckpt[key]))
         error: BaseException | None = None
         if trainer.is_global_zero:
             assert self._manager is not None
             metrics = {}
             if self.monitor is not None and self.monitor in trainer.callback_metrics:
-                metrics[self.monitor] = trainer.callback_metrics[self.monitor]
+                # a validation metric belongs to the weights validated; a training metric to this step
+                if self._val_step is None or self._val_step == step:
+                    metrics[self.monitor] = trainer.callback_metrics[self.monitor]
             try:
                 self._manager.save(step, {STATE_NAME: ckpt}, metrics=metrics, force=True,
                                    metadata={"epoch": int(trainer.current_epoch), "integration": "lightning"})
@@ -426,17 +672,33 @@ class AutoCheckpoint(_Base):
         if self._watcher is not None:
             self._watcher.uninstall()
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._stop_watching()
-
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop_watching()
+        self._unquiet()
+        if not (isinstance(exception, SystemExit) and self.preempted):
+            self._stop_watching()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop_watching()
+        if stage != "fit":
+            return
+        self._unquiet()
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+        late = self._watcher.received if self._watcher is not None else None
+        if late and not self.preempted:  # a signal after the end of training: everything is saved
+            self._preempted(trainer, late)
+        if self.preempted and self.exit_on_preemption:
+            _exit_after_teardown(trainer, self.exit_code)  # handlers stay: a second signal cannot kill the exit
+        else:
+            self._stop_watching()
+
+
+class _Watcher(PreemptionWatcher):
+    def take_over(self) -> None:
+        """Put this handler back on top of the one Lightning installed after it (it raises SIGTERMException)."""
+        if self._installed:
+            for s in self.signals:
+                signal.signal(s, self._handle)
 
 
 __all__ = ["AutoCheckpoint", "SUPPORTED_LIGHTNING"]
