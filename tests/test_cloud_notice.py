@@ -173,6 +173,25 @@ def test_no_notice_means_nothing_happens(fake: FakeMetadata, cloud: str) -> None
         w.stop()
 
 
+def test_aws_refused_token_is_renewed_without_a_warning(fake: FakeMetadata,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[CloudNotice] = []
+    w = CloudNoticeWatcher(seen.append, cloud="aws", metadata_url=fake.url, poll_interval=0.05).start()
+    try:
+        fake.wait_for(AWS_PATH, 2)
+        fake.set(token="AQAEARotated==")  # the old token now gets HTTP 401, as an expired one would
+        fake.wait_for("/latest/api/token", 2)
+        _set_notice(fake, "aws")
+        for _ in range(200):
+            if seen:
+                break
+            time.sleep(0.02)
+        assert [n.description for n in seen] == ["AWS spot interruption notice (terminate at 2026-12-02T00:32:00Z)"]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        w.stop()
+
+
 # ---------------------------------------------------------------------------------------------- a bad service
 @pytest.mark.parametrize("kind", ["down", "slow"])
 def test_a_down_or_slow_service_never_reaches_training(fake: FakeMetadata, caplog: pytest.LogCaptureFixture,

@@ -46,6 +46,7 @@ from autockpt.errors import InvalidArgumentError
 log = logging.getLogger("autockpt")
 
 CLOUDS = ("aws", "gcp", "azure")
+_NAMES = {"aws": "AWS", "gcp": "GCP", "azure": "Azure"}
 DEFAULT_METADATA_URL = "http://169.254.169.254"  # the link-local address of all three (no DNS lookup needed)
 DEFAULT_DMI_ROOT = "/sys/class/dmi/id"
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
@@ -228,7 +229,7 @@ class CloudNoticeWatcher:
                 wait = min(MAX_BACKOFF_S, self.poll_interval * 2 ** min(failures, 10))
                 if failures == 1:
                     log.warning("autockpt: cannot read %s's preemption notice from %s (%s); retrying every %.0f s or "
-                                "less (AUTOCKPT_CLOUD=none turns this off)", cloud.upper(), self.metadata_url,
+                                "less (AUTOCKPT_CLOUD=none turns this off)", _NAMES[cloud], self.metadata_url,
                                 _describe(e), MAX_BACKOFF_S)
                 else:
                     log.debug("autockpt: metadata poll failed again (%d in a row): %s", failures, _describe(e))
