@@ -20,6 +20,11 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# No test polls a real cloud metadata service (169.254.169.254), whatever the shell exports: cloud preemption
+# notices are off unless a test turns them on against its own fake server on 127.0.0.1 (tests/test_cloud_notice.py).
+os.environ["AUTOCKPT_CLOUD"] = "none"
+os.environ.pop("AUTOCKPT_METADATA_URL", None)
+os.environ.pop("AUTOCKPT_DMI_ROOT", None)
 
 # One seed for every randomized test of a session: AUTOCKPT_SEED replays a failure, else a new one is drawn.
 SEED = int(os.environ.get("AUTOCKPT_SEED") or random.SystemRandom().randrange(2**31))

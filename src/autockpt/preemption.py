@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
+from autockpt.cloud_notice import CloudNotice, CloudNoticeWatcher
 from autockpt.errors import InvalidArgumentError
 
 log = logging.getLogger("autockpt")
@@ -50,6 +51,12 @@ class PreemptionWatcher:
     and a second one raises ``KeyboardInterrupt`` as usual. Repeated signals while the final save runs are
     recorded and otherwise ignored, so they cannot interrupt it.
 
+    With ``cloud_notices=True`` (the default), ``install()`` also starts a
+    :class:`~autockpt.cloud_notice.CloudNoticeWatcher`: on AWS, GCP or Azure (recognised from DMI files or
+    ``AUTOCKPT_CLOUD``; off-cloud it sends nothing) a preemption notice raises the first watched signal
+    (SIGTERM by default) in this process, so it takes exactly the path a SIGTERM takes. ``cloud_notices=False``
+    or ``AUTOCKPT_CLOUD=none`` turns it off.
+
     ```python
     from autockpt.preemption import PreemptionWatcher
     with PreemptionWatcher() as watcher:
@@ -61,10 +68,15 @@ class PreemptionWatcher:
     ```
     """
 
-    def __init__(self, signals: Iterable[int | str] = DEFAULT_SIGNALS, catch_sigint: bool = False) -> None:
+    def __init__(
+        self, signals: Iterable[int | str] = DEFAULT_SIGNALS, catch_sigint: bool = False, cloud_notices: bool = True
+    ) -> None:
         self.signals = _signal_numbers(signals)
         if not isinstance(catch_sigint, bool):
             raise InvalidArgumentError(f"catch_sigint must be True or False, got {catch_sigint!r}")
+        if not isinstance(cloud_notices, bool):
+            raise InvalidArgumentError(f"cloud_notices must be True or False, got {cloud_notices!r}")
+        self._notices = CloudNoticeWatcher(self._on_cloud_notice) if cloud_notices and self.signals else None
         self.catch_sigint = catch_sigint
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
@@ -97,12 +109,27 @@ class PreemptionWatcher:
         for s in sigs:
             self._previous[s] = signal.signal(s, self._handle)
         self._installed = True
+        if self._notices is not None:
+            self._notices.start()
         return self
+
+    def _on_cloud_notice(self, notice: CloudNotice) -> None:
+        """From the notice thread: raise our signal, so the notice takes the path a real one takes.
+
+        Only while our handlers are installed (``uninstall`` stops the notice thread first and waits for this),
+        so a process without a handler is never killed by it.
+        """
+        if not self._installed or self.received is not None:
+            return
+        log.warning("autockpt: %s: saving at the end of the current step and stopping", notice.description)
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in self.signals else self.signals[0])
 
     def uninstall(self) -> None:
         """Put the previous handlers back."""
         if not self._installed:
             return
+        if self._notices is not None:
+            self._notices.stop()
         for s, prev in self._previous.items():
             signal.signal(s, prev if prev is not None else signal.SIG_DFL)
         self._previous.clear()
