@@ -40,7 +40,7 @@ from autockpt.errors import (
 from autockpt.progress import format_bytes
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import Storage, open_storage, step_dirname
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -146,15 +146,10 @@ def _open_storage(args: argparse.Namespace, url: str | None = None) -> Storage:
     url = url if url is not None else args.url
     opts = storage_options_from(args.storage_option, args.storage_options)
     try:
-        storage = Storage(url, opts)
+        storage = open_storage(url, opts)
     except (ValueError, ImportError, TypeError) as e:
         raise CliError(f"cannot open {url!r}: {e}") from None
-    if storage.atomic_rename:
-        exists = os.path.isdir(storage.root)
-    else:
-        storage.fs.invalidate_cache(storage.root)
-        exists = storage.fs.isdir(storage.root)
-    if not exists:
+    if not storage.root_exists():
         raise CliError(f"no checkpoint directory at {url}: it does not exist. Check the path or URL "
                        "(and --storage-option for credentials or an endpoint).")
     return storage
@@ -647,7 +642,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from autockpt.manager import CheckpointManager
 
     opts = storage_options_from(args.storage_option, args.storage_options)
-    storage = Storage(args.to, opts)
+    storage = open_storage(args.to, opts)
     if args.step in storage.scan().committed:
         raise CliError(f"{args.to} already has a checkpoint at step {args.step}; pick another --step "
                        f"(or delete it first)")

@@ -27,12 +27,11 @@ import numpy as np
 import xxhash
 
 from autockpt.errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedValueError
+from autockpt.storage.names import MAX_MANIFEST_BYTES, valid_file_name
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TENSORS_NAME = "tensors.safetensors"
 CHECKSUM = "xxh3_64"
-MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library itself applies
 _CHUNK = 64 * 2**20
 _SMALL = 1 * 2**20  # tensors below this size are written in batches ...
@@ -462,17 +461,6 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in body["files"]:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} names a file the manifest does not list")
     return body
-
-
-def valid_file_name(name: Any) -> bool:
-    """A payload file name we may open: a plain name, no separators, no '..', ending in .safetensors."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 128
-        and name.endswith(".safetensors")
-        and all(c.isalnum() or c in "._-" for c in name)
-        and not name.startswith(".")
-    )
 
 
 def new_manifest(

@@ -38,7 +38,7 @@ from autockpt.lease import WriterLease
 from autockpt.progress import ProgressReporter
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import CheckpointWriter, Storage, step_dirname, transient
+from autockpt.storage import CheckpointWriter, open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 
@@ -129,7 +129,7 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.async_save = async_save
-        self.storage = Storage(directory, dict(storage_options or {}))
+        self.storage = open_storage(directory, dict(storage_options or {}))
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()

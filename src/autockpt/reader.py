@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-import xxhash
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import (
@@ -28,88 +27,10 @@ from autockpt.format import (
     is_torch_tensor,
     parse_manifest,
     parse_safetensors_header,
-    valid_file_name,
 )
-from autockpt.storage import Storage, retry, step_dirname
+from autockpt.storage import PayloadFile, Storage, open_storage, step_dirname
 
 log = logging.getLogger("autockpt")
-_CHUNK = 4 * 2**20
-
-
-class PayloadFile:
-    """One payload file: a file descriptor on local disks, the downloaded bytes elsewhere."""
-
-    def __init__(self, storage: Storage, step: int, name: str, size: int) -> None:
-        if not valid_file_name(name):
-            raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
-        self.path = storage.path(step_dirname(step), name)
-        self.size = size
-        self._fd: int | None = None
-        self._buf: bytearray | None = None
-        try:
-            if storage.atomic_rename:
-                self._fd = storage.open_local(step, name)
-                actual = os.fstat(self._fd).st_size
-            else:
-                actual = retry(lambda: self._download(storage, size), f"reading {self.path}")
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.path}: payload file is missing") from None
-        if actual != size:
-            self.close()
-            raise CorruptCheckpointError(f"{self.path}: {actual} bytes, the manifest says {size}")
-
-    def _download(self, storage: Storage, size: int) -> int:
-        with storage.fs.open(self.path, "rb") as f:
-            if f.size == size:
-                self._buf = bytearray(size)
-                self._fill(f, memoryview(self._buf))
-            return int(f.size)
-
-    def _fill(self, f: Any, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise CorruptCheckpointError(f"{self.path}: ended after {got} of {len(view)} bytes")
-            got += n
-
-    def read_into(self, offset: int, view: memoryview) -> None:
-        """Fill ``view`` with the file's bytes from ``offset``."""
-        if self._buf is not None:
-            view[:] = memoryview(self._buf)[offset : offset + len(view)]
-            return
-        assert self._fd is not None
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
-            got += n
-
-    def read(self, offset: int, n: int) -> bytes:
-        out = bytearray(n)
-        self.read_into(offset, memoryview(out))
-        return bytes(out)
-
-    def checksum(self) -> str:
-        if self._buf is not None:
-            return xxhash.xxh3_64_hexdigest(self._buf)
-        h = xxhash.xxh3_64()
-        chunk = bytearray(min(_CHUNK, max(self.size, 1)))
-        view = memoryview(chunk)
-        pos = 0
-        while pos < self.size:
-            n = min(len(chunk), self.size - pos)
-            self.read_into(pos, view[:n])
-            h.update(view[:n])
-            pos += n
-        return h.hexdigest()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._buf = None
 
 
 @dataclass
@@ -233,9 +154,8 @@ def check_sizes(storage: Storage, step: int, manifest: dict[str, Any]) -> None:
     """Raise CorruptCheckpointError unless every payload file exists with its recorded size (no data read)."""
     where = f"{storage.url} {step_dirname(step)}"
     for fname, info in manifest["files"].items():
-        path = storage.path(step_dirname(step), fname)
         try:
-            size = os.path.getsize(path) if storage.atomic_rename else storage.fs.size(path)
+            size = storage.file_size(step, fname)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{where}: {fname} is missing") from None
         if size != info["size"]:
@@ -268,7 +188,7 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     ckpt = Checkpoint(step, manifest)
     try:
         for fname, info in manifest["files"].items():
-            f = PayloadFile(storage, step, fname, info["size"])
+            f = storage.open_payload(step, fname, info["size"])
             ckpt.files[fname] = (f, 0)
             if f.checksum() != info[CHECKSUM]:
                 raise CorruptCheckpointError(f"{where}: {fname} does not match its checksum")
@@ -303,7 +223,7 @@ def load(url: str | os.PathLike[str], step: int | None = None, storage_options: 
     weights = state["model"]          # the model's state dict, as saved
     ```
     """
-    storage = Storage(url, dict(storage_options or {}))
+    storage = open_storage(url, dict(storage_options or {}))
     steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
     for s in steps:
         try:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -189,33 +188,21 @@ class TorchCoordinator:
         problem = None
         if self.rank == 0:
             try:
-                if storage.atomic_rename:
-                    os.makedirs(storage.root, exist_ok=True)
-                    with open(path, "wb") as f:
-                        f.write(token.encode())
-                else:
-                    storage.fs.makedirs(storage.root, exist_ok=True)
-                    storage.fs.pipe_file(path, token.encode())
+                storage.ensure_root()
+                storage.write_small(name, token.encode())
             except Exception as e:
                 problem = f"rank 0 cannot write to {storage.url}: {e!r}"
         problem = self._bcast(problem, self._ctl)
         if problem is not None:
             raise InvalidArgumentError(problem)
         try:
-            if storage.atomic_rename:
-                seen = os.path.isfile(path)
-            else:
-                storage.fs.invalidate_cache(storage.root)
-                seen = bool(storage.fs.exists(path))
+            seen = storage.exists(name)
         except Exception:
             seen = False
         seen_by = self._gather(seen, self._ctl)  # every rank has looked before rank 0 deletes its probe
         if self.rank == 0:
             try:
-                if storage.atomic_rename:
-                    os.unlink(path)
-                else:
-                    storage.fs.rm_file(path)
+                storage.remove_small(name)
             except Exception as e:
                 log.warning("autockpt: could not remove its probe file %s: %r", path, e)
         blind = [r for r, s in enumerate(seen_by) if not s]
