@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from autockpt import __version__
+from autockpt._version import __version__
 from autockpt.errors import (
     AutockptError,
     CheckpointNotFoundError,

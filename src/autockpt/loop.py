@@ -39,8 +39,8 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+from autockpt.coordination import process_group_initialized
 from autockpt.data import is_plain_dataloader
-from autockpt.distributed import process_group_initialized
 from autockpt.errors import InvalidArgumentError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
@@ -182,7 +182,7 @@ class Run:
     def _signalled(self) -> bool:
         """Whether to stop: this process got a signal or, under torch.distributed, any rank did."""
         if process_group_initialized():
-            from autockpt.integrations.torch_distributed import any_rank
+            from autockpt.coordination.torch_dist import any_rank
 
             return any_rank(self._watcher.triggered)
         return self._watcher.triggered

@@ -9,15 +9,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, MutableMapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from autockpt import state as state_mod
-from autockpt.distributed import coordinator_for
+from autockpt import fit
+from autockpt.coordination import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -26,19 +25,17 @@ from autockpt.errors import (
     SaveError,
 )
 from autockpt.format import (
-    CHECKSUM,
     TensorEntry,
     TreeEncoder,
     is_torch_tensor,
     json_plain,
     new_manifest,
-    write_safetensors,
 )
 from autockpt.lease import WriterLease
 from autockpt.progress import ProgressReporter
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import CheckpointWriter, open_storage, step_dirname, transient
+from autockpt.storage import open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 
@@ -461,9 +458,9 @@ class CheckpointManager:
                 continue
             size = sum(f["size"] for f in ckpt.manifest["files"].values())
             with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
-                self._coord.run_on_all(state_mod.check, state, ckpt.manifest["state"], ckpt.metas)
+                self._coord.run_on_all(fit.check, state, ckpt.manifest["state"], ckpt.metas)
                 ckpt.on_bytes = bar.update
-                state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
+                fit.apply(state, ckpt.manifest["state"], ckpt.tensor)
             secs = time.perf_counter() - t0
             log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
                      size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
@@ -476,47 +473,3 @@ def _sync_devices(entries: list[TensorEntry]) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-
-
-def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEntry]]:
-    """Split tensors into files of about ``shard_bytes`` each (largest first into the emptiest file)."""
-    total = sum(e.nbytes for e in entries)
-    n = max(1, min(len(entries), math.ceil(total / shard_bytes)))
-    groups: list[list[TensorEntry]] = [[] for _ in range(n)]
-    loads = [0] * n
-    for e in sorted(entries, key=lambda e: -e.nbytes):
-        i = loads.index(min(loads))
-        groups[i].append(e)
-        loads[i] += e.nbytes
-    return groups
-
-
-def write_payload(
-    writer: CheckpointWriter,
-    entries: list[TensorEntry],
-    shard_bytes: int,
-    prefix: str = "tensors",
-    on_bytes: Callable[[int], None] | None = None,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Write tensors into one or more safetensors files, in parallel; returns (files, tensors) manifest parts."""
-    groups = _shards(entries, shard_bytes)
-    names = [f"{prefix}.safetensors"] if len(groups) == 1 else [
-        f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
-    ]
-
-    def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-        return writer.write_file(name, lambda f: write_safetensors(f, group, on_bytes))
-
-    if len(groups) == 1:
-        results = [write_one(names[0], groups[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
-            results = list(pool.map(write_one, names, groups))
-    files: dict[str, dict[str, Any]] = {}
-    tensors: dict[str, dict[str, Any]] = {}
-    for name, group, (size, digest, offsets) in zip(names, groups, results, strict=True):
-        files[name] = {"size": size, CHECKSUM: digest}
-        for e in group:
-            tensors[e.name] = {"file": name, "dtype": e.dtype, "shape": e.shape, "offsets": offsets[e.name],
-                               "framework": e.framework}
-    return files, tensors

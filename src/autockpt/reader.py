@@ -20,9 +20,10 @@ import numpy as np
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import (
-    _ST_DTYPES,
-    _ST_TORCH,
     CHECKSUM,
+    ST_DTYPES,
+    ST_TO_TORCH,
+    TensorMeta,
     decode_tree,
     is_torch_tensor,
     parse_manifest,
@@ -44,8 +45,6 @@ class Checkpoint:
 
     @property
     def metas(self) -> dict[str, Any]:
-        from autockpt.state import TensorMeta
-
         metas = {n: TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()}
         for n, info in sharded_tensors(self.manifest).items():
             metas[n] = TensorMeta(n, info["dtype"], tuple(info["shape"]))
@@ -58,7 +57,7 @@ class Checkpoint:
         this rank's part is read: that is how a different world size reshards on load).
         """
         if name not in self.manifest["tensors"]:
-            from autockpt.integrations.torch_distributed import read_sharded
+            from autockpt.dtensor import read_sharded
 
             return read_sharded(self, name, sharded_tensors(self.manifest)[name], like)
         meta = self.manifest["tensors"][name]
@@ -72,7 +71,7 @@ class Checkpoint:
             except ImportError:
                 torch = None
         if framework == "torch" and torch is not None:
-            tdtype = getattr(torch, _ST_TORCH[dtype])
+            tdtype = getattr(torch, ST_TO_TORCH[dtype])
             inplace = (is_torch_tensor(like) and like.device.type == "cpu" and like.dtype == tdtype
                        and list(like.shape) == shape and like.is_contiguous())
             out = like.detach() if inplace else torch.empty(shape, dtype=tdtype)
@@ -81,7 +80,7 @@ class Checkpoint:
                 if self.on_bytes is not None:
                     self.on_bytes(e - b)
             return like if inplace else out
-        np_dtype = _ST_DTYPES[dtype][0]
+        np_dtype = ST_DTYPES[dtype][0]
         if np_dtype is None:
             raise CorruptCheckpointError(f"tensor {name!r} has dtype {dtype}: install torch to load it")
         if (isinstance(like, np.ndarray) and like.dtype == np_dtype and list(like.shape) == shape
