@@ -54,3 +54,41 @@ class SaveError(AutockptError, OSError):
 
 class LeaseError(AutockptError):
     """Another live process holds the writer lease of this checkpoint directory."""
+
+
+class RankFailureError(AutockptError):
+    """An autockpt error raised on other ranks of a multi-process run (like torch DCP's CheckpointException).
+
+    ``failures`` maps each rank that failed to its error. The error is also an instance of the first failed
+    rank's error class (a ``CorruptCheckpointError`` on rank 1 arrives as one on every rank), so code that
+    catches that class keeps working. Build one with :func:`failed_on_ranks`.
+    """
+
+    def __init__(self, message: str, failures: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, BaseException] = dict(failures or {})
+
+
+_ON_RANKS: dict[type, type] = {}
+
+
+def failed_on_ranks(failures: dict[int, BaseException]) -> RankFailureError:
+    """The error to raise on a rank that did not fail itself: the first failure's class, holding every failure.
+
+    ```python
+    from autockpt.errors import CorruptCheckpointError, RankFailureError, failed_on_ranks
+    e = failed_on_ranks({1: CorruptCheckpointError("bad checksum")})
+    assert isinstance(e, CorruptCheckpointError) and isinstance(e, RankFailureError)
+    assert str(e) == "on rank 1: bad checksum" and list(e.failures) == [1]
+    ```
+    """
+    rank, first = min(failures.items())
+    base = type(first) if isinstance(first, AutockptError) else SaveError
+    cls = _ON_RANKS.get(base)
+    if cls is None:
+        cls = _ON_RANKS[base] = type(f"{base.__name__}OnOtherRanks", (RankFailureError, base), {})
+    err = cls(f"on rank {rank}: {first}", failures)
+    for key, value in vars(first).items():  # e.g. StateMismatchError's missing/unexpected/mismatched
+        setattr(err, key, value)
+    err.failures = dict(failures)
+    return err

@@ -6,11 +6,8 @@ import errno
 import logging
 import math
 import os
-import sys
-import threading
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,14 +24,14 @@ from autockpt.errors import (
 from autockpt.format import (
     TensorEntry,
     TreeEncoder,
-    is_torch_tensor,
     json_plain,
     new_manifest,
 )
 from autockpt.lease import WriterLease
 from autockpt.progress import ProgressReporter
-from autockpt.reader import check_sizes, open_checkpoint, read_manifest
+from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
+from autockpt.staging import BackgroundSaver
 from autockpt.storage import open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
@@ -131,9 +128,7 @@ class CheckpointManager:
         self._manifests: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
         self.shard_bytes = 512 * 2**20
-        self._staging: dict[str, Any] = {}  # async snapshots: host buffers reused between saves
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._background = BackgroundSaver()  # async_save: host staging buffers and the writing thread
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
         if distributed not in (None, True, False):
@@ -165,13 +160,9 @@ class CheckpointManager:
         ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
         """
         self._wait()
-        for step in sorted(self._coord.same(self.storage.scan().committed), reverse=True):
-            try:
-                self._coord.run_on_all(self._check_files, step)
-                return step
-            except CorruptCheckpointError as e:
-                log.warning("autockpt: checkpoint %s does not verify: %s", step_dirname(step), e)
-        return None
+        steps = sorted(self._coord.broadcast_from_writer(self.storage.scan().committed), reverse=True)
+        found = newest_that_verifies(steps, lambda s: self._coord.run_raising_everywhere(self._check_files, s))
+        return None if found is None else found[0]
 
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due under ``save_interval_steps``/``save_interval_seconds`` (always, if neither)."""
@@ -217,36 +208,33 @@ class CheckpointManager:
             self._failed(e, counted=True)
         encoder = TreeEncoder()
         tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}  # bad values raise before any write
-        problem = self._coord.same(self._take_lease() if self._coord.is_writer else None)
+        problem = self._coord.broadcast_from_writer(self._take_lease() if self._coord.is_writer else None)
         if problem is not None:  # every rank learns of it, so that no rank waits for the others
-            kind, message = problem
-            if kind == "lease":
-                raise LeaseError(message)
-            self._failed(SaveError(message))
+            if isinstance(problem, LeaseError):
+                raise problem
+            self._failed(problem)
             return False
-        committed = self._coord.same(self.storage.scan().committed)
+        committed = self._coord.broadcast_from_writer(self.storage.scan().committed)
         if step in committed:
             try:
                 self._check_files(step)
                 already = True
             except CorruptCheckpointError:
                 already = False
-            if self._coord.same(already):
+            if self._coord.broadcast_from_writer(already):
                 log.info("autockpt: step %d already has a committed checkpoint; not saving it again", step)
                 return False
             self._manifests.pop(step, None)  # damaged: write it again
         entries = self._coord.prepare(encoder.tensors)
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = [replace(e, value=self._stage(e)) for e in entries]
-            _sync_devices(entries)
-            self._thread = threading.Thread(
-                target=self._write_in_background,
-                args=(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed)),
-                name=f"autockpt-save-{step}",
-                daemon=True,
+            entries = self._background.snapshot(entries)
+            before = set(committed)
+            self._background.start(
+                step,
+                lambda: self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, before),
+                on_failure=self._count_background_failure,
             )
-            self._thread.start()
         else:
             try:
                 self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed))
@@ -256,17 +244,17 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return True
 
-    def _take_lease(self) -> tuple[str, str] | None:
-        """Hold the writer lease (cleaning leftovers once it is ours); a problem as (kind, message)."""
+    def _take_lease(self) -> LeaseError | SaveError | None:
+        """Hold the writer lease (cleaning leftovers once it is ours); the problem, as an error, if that failed."""
         try:
             self._lease.check()
             if not self._lease.held:
                 self._lease.acquire()
                 self.storage.cleanup(self.storage.scan())
         except LeaseError as e:
-            return "lease", str(e)
+            return LeaseError(str(e))
         except OSError as e:
-            return "io", f"cannot write to {self.directory}: {e!r}"
+            return SaveError(f"cannot write to {self.directory}: {e!r}")
         return None
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
@@ -342,33 +330,6 @@ class CheckpointManager:
         if self._coord.is_writer:
             self._prune(step, committed | {step})
 
-    def _stage(self, entry: TensorEntry) -> Any:
-        """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
-        value = entry.value
-        buf: Any = self._staging.get(entry.name)
-        if is_torch_tensor(value):
-            value = value.detach()
-            if not (is_torch_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype):
-                torch = sys.modules["torch"]
-                pin = value.device.type == "cuda"
-                buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
-            buf.copy_(value, non_blocking=value.device.type == "cuda")
-        else:
-            value = np.asarray(value)
-            if not (isinstance(buf, np.ndarray) and buf.shape == value.shape and buf.dtype == value.dtype):
-                buf = np.empty_like(value, order="C")
-            np.copyto(buf, value)
-        self._staging[entry.name] = buf
-        return buf
-
-    def _write_in_background(self, *args: Any) -> None:
-        try:
-            self._write(*args)
-        except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
-            log.error("autockpt: background save of step %d failed: %r", args[0], e)
-            self._failures += 1
-            self._error = e
-
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
         manager the only writer, so it is what was listed before the save plus the step just saved."""
@@ -379,8 +340,7 @@ class CheckpointManager:
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 log.warning("autockpt: leaving unreadable checkpoint %s alone: %s", step_dirname(step), e)
                 continue
-            metrics = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))}
-            infos.append(CheckpointInfo(step, float(m["created"]), float(m.get("run_start", m["created"])), metrics))
+            infos.append(CheckpointInfo.from_manifest(m))
         keep = self.policy.keep(infos) | {just_saved}
         for info in infos:
             if info.step not in keep:
@@ -388,16 +348,14 @@ class CheckpointManager:
                 self._manifests.pop(info.step, None)
                 log.debug("autockpt: deleted checkpoint %s (retention)", step_dirname(info.step))
 
+    def _count_background_failure(self, error: BaseException) -> None:
+        self._failures += 1
+
     def _wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._background.wait()
 
     def _join(self) -> None:
-        self._wait()
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        self._background.join()
 
     def wait_until_finished(self) -> None:
         """Block until the in-flight background save committed; raise its error if it failed."""
@@ -437,7 +395,7 @@ class CheckpointManager:
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
         self._wait()
-        committed = self._coord.same(self.storage.scan().committed)
+        committed = self._coord.broadcast_from_writer(self.storage.scan().committed)
         if step is not None:
             if step not in committed:
                 raise CheckpointNotFoundError(
@@ -446,30 +404,20 @@ class CheckpointManager:
             steps = [step]
         else:
             steps = sorted(committed, reverse=True)
-        for s in steps:
-            t0 = time.perf_counter()
-            try:
-                ckpt = self._coord.run_on_all(open_checkpoint, self.storage, s)
-            except CorruptCheckpointError as e:
-                if step is not None:
-                    raise
-                log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
-                            step_dirname(s), e)
-                continue
-            size = sum(f["size"] for f in ckpt.manifest["files"].values())
-            with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
-                self._coord.run_on_all(fit.check, state, ckpt.manifest["state"], ckpt.metas)
-                ckpt.on_bytes = bar.update
-                fit.apply(state, ckpt.manifest["state"], ckpt.tensor)
-            secs = time.perf_counter() - t0
-            log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
-                     size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-            return s
-        return None
+        t0 = time.perf_counter()
+        def verify(s: int) -> Checkpoint:
+            return self._coord.run_raising_everywhere(open_checkpoint, self.storage, s)
 
-
-def _sync_devices(entries: list[TensorEntry]) -> None:
-    """Wait for the non-blocking device-to-host copies of a snapshot to land."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        found = newest_that_verifies(steps, verify, strict=step is not None)
+        if found is None:
+            return None
+        s, ckpt = found
+        size = sum(f["size"] for f in ckpt.manifest["files"].values())
+        with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
+            self._coord.run_raising_everywhere(fit.check, state, ckpt.manifest["state"], ckpt.metas)
+            ckpt.on_bytes = bar.update
+            fit.apply(state, ckpt.manifest["state"], ckpt.tensor)
+        secs = time.perf_counter() - t0
+        log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
+                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
+        return s

@@ -12,9 +12,9 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from autockpt.format import (
 from autockpt.storage import PayloadFile, Storage, open_storage, step_dirname
 
 log = logging.getLogger("autockpt")
+T = TypeVar("T")
 
 
 @dataclass
@@ -210,6 +211,37 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     return ckpt
 
 
+def newest_that_verifies(
+    steps: Iterable[int], verify: Callable[[int], T], strict: bool = False
+) -> tuple[int, T] | None:
+    """The first of ``steps`` (give them newest first) for which ``verify(step)`` does not raise
+    CorruptCheckpointError, with what it returned; None if none does.
+
+    Each step that fails is logged as a warning naming it, and the next one is tried; with ``strict`` (a step
+    the caller asked for by number) the failure is raised instead. ``verify`` returns what the caller needs
+    of the checkpoint (an open ``Checkpoint``, a manifest, the state), so that it is read once.
+
+    ```python
+    from autockpt.errors import CorruptCheckpointError
+    from autockpt.reader import newest_that_verifies
+    def verify(step):
+        if step == 3:
+            raise CorruptCheckpointError("damaged")
+        return f"manifest of {step}"
+    assert newest_that_verifies([3, 2, 1], verify) == (2, "manifest of 2")
+    ```
+    """
+    for step in steps:
+        try:
+            return step, verify(step)
+        except CorruptCheckpointError as e:
+            if strict:
+                raise
+            log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
+                        step_dirname(step), e)
+    return None
+
+
 def load(url: str | os.PathLike[str], step: int | None = None, storage_options: Mapping[str, Any] | None = None
          ) -> dict[str, Any]:
     """Read a checkpoint without a model: the nested state as tensors, numpy arrays and Python values.
@@ -224,12 +256,12 @@ def load(url: str | os.PathLike[str], step: int | None = None, storage_options: 
     """
     storage = open_storage(url, dict(storage_options or {}))
     steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
-    for s in steps:
-        try:
-            with open_checkpoint(storage, s) as ckpt:
-                return ckpt.state()
-        except CorruptCheckpointError as e:
-            if step is not None:
-                raise
-            log.warning("autockpt: skipping checkpoint %s: %s", step_dirname(s), e)
-    raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
+
+    def read_state(s: int) -> dict[str, Any]:
+        with open_checkpoint(storage, s) as ckpt:
+            return ckpt.state()
+
+    found = newest_that_verifies(steps, read_state, strict=step is not None)
+    if found is None:
+        raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
+    return found[1]

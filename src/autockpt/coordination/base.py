@@ -34,11 +34,11 @@ class Coordinator(Protocol):
         """All ranks must pass the same ``step``; returns True on every rank if any rank wants to save."""
         ...
 
-    def same(self, value: T) -> T:
+    def broadcast_from_writer(self, value: T) -> T:
         """The writer's ``value``, on every rank."""
         ...
 
-    def run_on_all(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on every rank; if it raises an autockpt error on any rank, raise it on every rank."""
         ...
 

@@ -32,10 +32,10 @@ class LocalCoordinator:
     def agree_to_save(self, step: int, due: bool) -> bool:
         return due
 
-    def same(self, value: T) -> T:
+    def broadcast_from_writer(self, value: T) -> T:
         return value
 
-    def run_on_all(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
 
     def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:

@@ -17,10 +17,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from autockpt import errors
 from autockpt.coordination.base import ManifestBuilder
 from autockpt.dtensor import DTensor, is_sharded, local_box
-from autockpt.errors import AutockptError, InvalidArgumentError, SaveError, UnsupportedValueError
+from autockpt.errors import AutockptError, InvalidArgumentError, SaveError, UnsupportedValueError, failed_on_ranks
 from autockpt.format import TensorEntry, dump_manifest
 from autockpt.payload import write_payload
 from autockpt.reader import read_manifest
@@ -64,13 +63,6 @@ class ShardEntry(TensorEntry):
     shard_offsets: list[int] = field(default_factory=list)
 
 
-def _error_like(cls_name: str, message: str) -> Exception:
-    cls = getattr(errors, cls_name, None)
-    if isinstance(cls, type) and issubclass(cls, AutockptError):
-        return cls(message)
-    return SaveError(message)
-
-
 class TorchCoordinator:
     """The ranks of a ``torch.distributed`` process group agreeing through collectives.
 
@@ -102,26 +94,25 @@ class TorchCoordinator:
         dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
 
-    def same(self, value: T) -> T:
+    def broadcast_from_writer(self, value: T) -> T:
         return self._bcast(value if self.rank == 0 else None, self._ctl)
 
-    def run_on_all(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
         result: Any = None
         err: Exception | None = None
         try:
             result = fn(*args)
         except AutockptError as e:
             err = e
-        reports = self._gather(None if err is None else (type(err).__name__, str(err)), self._ctl)
-        failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+        reports = self._gather(err, self._ctl)  # each rank's error (with its class and fields), or None
+        failed = {r: rep for r, rep in enumerate(reports) if rep is not None}
         if not failed:
             return result
         if hasattr(result, "close"):
             result.close()
         if err is not None:
             raise err
-        r, (cls_name, msg) = failed[0]
-        raise _error_like(cls_name, f"on rank {r}: {msg}")
+        raise failed_on_ranks(failed)
 
     def agree_to_save(self, step: int, due: bool) -> bool:
         t = torch.tensor([step, -step, 1 if due else 0], dtype=torch.int64)
