@@ -15,6 +15,9 @@ JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}
 
 Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
 directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
+
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``progress``,
+``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
 from __future__ import annotations

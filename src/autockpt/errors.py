@@ -3,6 +3,8 @@
 Every error autockpt raises on purpose derives from :class:`AutockptError`, so a caller can catch them all
 at once. Each also derives from the closest built-in exception (``ValueError``, ``TypeError``, ...), so code
 written against those keeps working.
+
+Imports nothing of autockpt: every module may import it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ is killed without warning (SIGKILL, OOM, a lost node) resumes from the newest ch
 
 from __future__ import annotations
 
-import inspect
 import logging
 import signal
 import warnings
@@ -44,6 +43,7 @@ from autockpt.data import is_plain_dataloader
 from autockpt.errors import InvalidArgumentError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
+from autockpt.options import ManagerOptions
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
 from autockpt.rng import RNGState
 
@@ -51,10 +51,7 @@ log = logging.getLogger("autockpt")
 
 DEFAULT_EVERY_N_SECONDS = 600.0
 _RESERVED = ("model", "optimizer", "scheduler", "data", "rng")
-_MANAGER_OPTIONS = tuple(
-    p for p in inspect.signature(CheckpointManager.__init__).parameters
-    if p not in ("self", "directory", "save_interval_steps", "save_interval_seconds")
-)
+_MANAGER_OPTIONS = tuple(p for p in ManagerOptions.names() if p not in ("save_interval_steps", "save_interval_seconds"))
 
 
 class Run:

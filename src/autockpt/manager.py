@@ -1,4 +1,9 @@
-"""``CheckpointManager``: when to save, what to keep, and restoring the newest checkpoint that verifies."""
+"""``CheckpointManager``: when to save, what to keep, and restoring the newest checkpoint that verifies.
+
+One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
+restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
+staging, fit, progress, reader, format, storage, errors.
+"""
 
 from __future__ import annotations
 
@@ -28,21 +33,14 @@ from autockpt.format import (
     new_manifest,
 )
 from autockpt.lease import WriterLease
+from autockpt.options import ManagerOptions, check_directory
 from autockpt.progress import ProgressReporter
 from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
-from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
+from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
 from autockpt.storage import open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
-
-
-def _check_interval(name: str, value: Any, kind: type) -> None:
-    if value is None:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-    if not ok or value <= 0 or (kind is float and not math.isfinite(value)):
-        raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
 class CheckpointManager:
@@ -105,18 +103,12 @@ class CheckpointManager:
         progress: bool = False,
         distributed: bool | None = None,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
-        self.policy = RetentionPolicy(max_to_keep, keep_every_n_hours, keep_best)
-        _check_interval("save_interval_steps", save_interval_steps, int)
-        _check_interval("save_interval_seconds", save_interval_seconds, float)
-        if not isinstance(async_save, bool):
-            raise InvalidArgumentError(f"async_save must be True or False, got {async_save!r}")
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
-        _check_interval("max_consecutive_failures", max_consecutive_failures, int)
-        if not isinstance(progress, bool):
-            raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
+        check_directory(directory)
+        self.options = ManagerOptions(
+            max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
+            storage_options, max_consecutive_failures, progress, distributed,
+        )
+        self.policy = self.options.policy
         self.progress = progress
         self.max_consecutive_failures = max_consecutive_failures
         self._failures = 0
@@ -131,8 +123,6 @@ class CheckpointManager:
         self._background = BackgroundSaver()  # async_save: host staging buffers and the writing thread
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
-        if distributed not in (None, True, False):
-            raise InvalidArgumentError(f"distributed must be None (detect), True or False, got {distributed!r}")
         self._coord = coordinator_for(self.storage, distributed)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage)  # held by the writing rank only

@@ -4,6 +4,9 @@
 is listed, each payload file's size and xxh3-64 checksum (streamed in chunks: no copy of the file is held),
 and that each safetensors header agrees with the manifest. Only then can tensors be read: into the target's
 own memory when it is a contiguous host tensor of the same dtype and shape, else into a new tensor.
+
+Imports ``autockpt.errors``, ``autockpt.format`` and ``autockpt.storage`` (and ``autockpt.dtensor`` only for
+checkpoints with sharded tensors).
 """
 
 from __future__ import annotations

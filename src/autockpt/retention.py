@@ -9,6 +9,8 @@ The kept set is the union of
 
 Each rule picks the same checkpoints whether it sees the whole history or only what an earlier pruning
 left, so re-computing it after a restart never deletes what it kept before.
+
+One job: which checkpoints to keep. Imports only ``autockpt.errors``.
 """
 
 from __future__ import annotations
