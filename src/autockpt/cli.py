@@ -16,8 +16,8 @@ JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}
 Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
 directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
 
-One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``progress``,
-``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
+``progress``, ``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
+from autockpt.options import ManagerOptions
 from autockpt.progress import format_bytes
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
@@ -203,7 +204,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def _policy(args: argparse.Namespace) -> RetentionPolicy:
     try:
-        return RetentionPolicy(args.max_to_keep, args.keep_every_n_hours, args.keep_best)
+        return ManagerOptions(args.max_to_keep, args.keep_every_n_hours, args.keep_best).policy
     except InvalidArgumentError as e:
         raise CliError(str(e)) from None
 
