@@ -51,7 +51,12 @@ class StateMismatchError(AutockptError, ValueError):
 
 
 class SaveError(AutockptError, OSError):
-    """Writing a checkpoint failed; earlier checkpoints are intact and the partial files were removed."""
+    """Writing a checkpoint failed; earlier checkpoints are intact and the partial files were removed.
+
+    ``failures``: in a multi-process save, each rank that failed and its error message (empty otherwise).
+    """
+
+    failures: dict[int, str] = {}  # a read-only default; set per instance
 
 
 class LeaseError(AutockptError):

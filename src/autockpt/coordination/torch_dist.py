@@ -239,12 +239,12 @@ class TorchCoordinator:
                 report = ("error", f"{type(e).__name__}: {e}")
             reports = self._gather(report, self._io)
             # 4. rank 0 commits only if every rank succeeded.
-            outcome = None
+            outcome: dict[int, str] | None = None
             if self.rank == 0:
                 assert writer is not None
-                failed = [f"rank {r}: {rep[1]}" for r, rep in enumerate(reports) if rep[0] != "ok"]
+                failed = {r: rep[1] for r, rep in enumerate(reports) if rep[0] != "ok"}
                 if failed:
-                    outcome = "; ".join(failed)
+                    outcome = failed
                     writer.abort()
                 else:
                     try:
@@ -256,7 +256,7 @@ class TorchCoordinator:
                         manifest = make_manifest(files, tensors)
                         writer.commit(dump_manifest(manifest))
                     except Exception as e:
-                        outcome = f"rank 0 could not commit: {e!r}"
+                        outcome = {0: f"could not commit: {e!r}"}
                         writer.abort()
             # 5. everyone learns the outcome.
             outcome = self._bcast(outcome, self._io)
@@ -267,8 +267,11 @@ class TorchCoordinator:
                 writer.abort()
             raise SaveError(f"{where} failed: the ranks could not complete the save protocol ({e!r}); nothing "
                             "was committed by this rank; earlier checkpoints are intact") from e
-        if outcome is not None:
-            raise SaveError(f"{where} failed, nothing was committed: {outcome}. Earlier checkpoints are intact.")
+        if outcome is not None:  # {rank: what went wrong there}
+            shown = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(outcome.items()))
+            error = SaveError(f"{where} failed, nothing was committed: {shown}. Earlier checkpoints are intact.")
+            error.failures = dict(outcome)
+            raise error
         if manifest is None:  # other ranks: the manifest rank 0 committed, for logging and the manifest cache
             manifest = self._manifest_of(storage, step)
         return manifest
