@@ -6,4 +6,5 @@ bash scripts/setup.sh
 export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
 .venv/bin/ruff check src tests examples benchmarks
 .venv/bin/mypy
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

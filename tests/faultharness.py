@@ -24,7 +24,7 @@ import numpy as np
 import autockpt
 from autockpt.errors import AutockptError
 from autockpt.reader import open_checkpoint
-from autockpt.storage import Storage
+from autockpt.storage import open_storage as Storage
 
 HERE = Path(__file__).parent
 KILL_WRITER = HERE / "scripts" / "kill_writer.py"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import autockpt
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import open_storage as Storage
+from autockpt.storage import step_dirname
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (100, 200, 300, 400)

@@ -213,6 +213,7 @@ def test_failing_write_on_one_rank_raises_on_all_ranks(tmp_path: Path, failing: 
     for r in res:
         assert r["error"] is not None and r["error"]["type"] == "SaveError", r
         assert f"rank {failing}: OSError" in r["error"]["message"]
+        assert r["error"]["failed_ranks"] == [failing]  # the error holds each failed rank, not just a text
         assert r["saved_after"] is True  # the group is still usable: the next save commits
         assert r["all_steps"] == [1, 3]
     assert sorted(os.listdir(ckpt)) == ["step_0000000001", "step_0000000003"]  # partial files removed

@@ -24,7 +24,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import autockpt
 from autockpt.errors import LeaseError, SaveError
 from autockpt.reader import open_checkpoint
-from autockpt.storage import Storage
+from autockpt.storage import open_storage as Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultharness import ENV, FAULT_WRITER, crash_trials_local, crash_trials_s3, flaky_saves  # noqa: E402

@@ -32,7 +32,7 @@ import autockpt
 from autockpt import format as fmt
 from autockpt.errors import AutockptError, CorruptCheckpointError
 from autockpt.reader import open_checkpoint
-from autockpt.storage import Storage
+from autockpt.storage import open_storage as Storage
 
 SCRIPT = Path(__file__).parent / "scripts" / "fault_hostile_load.py"
 STEP2 = "step_0000000002"

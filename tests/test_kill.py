@@ -13,7 +13,7 @@ import numpy as np
 
 import autockpt
 from autockpt.reader import open_checkpoint
-from autockpt.storage import Storage
+from autockpt.storage import open_storage as Storage
 
 SCRIPT = Path(__file__).parent / "scripts" / "kill_writer.py"
 

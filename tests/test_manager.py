@@ -20,7 +20,8 @@ from autockpt.errors import (
     InvalidArgumentError,
     StateMismatchError,
 )
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import open_storage as Storage
+from autockpt.storage import step_dirname
 
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, n: int) -> None:

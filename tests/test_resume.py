@@ -355,7 +355,7 @@ def _train_one(model: object, opt: object) -> None:
 
 def test_preemption_while_an_async_save_is_in_flight_commits_it_and_the_last_step(tmp_path: Path) -> None:
     from autockpt.reader import open_checkpoint
-    from autockpt.storage import Storage
+    from autockpt.storage import open_storage as Storage
 
     torch.manual_seed(0)
     model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: each background save takes a while

@@ -9,9 +9,8 @@ with autockpt.CheckpointManager("runs/exp1", max_to_keep=3) as mgr:
 ```
 """
 
-__version__ = "0.1.0"
-
 from autockpt import errors  # noqa: E402
+from autockpt._version import __version__
 from autockpt.data import ResumableLoader, ResumableSampler  # noqa: E402
 from autockpt.loop import Run, resume  # noqa: E402
 from autockpt.manager import CheckpointManager  # noqa: E402

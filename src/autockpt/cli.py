@@ -15,6 +15,9 @@ JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}
 
 Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
 directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
+
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
+``progress``, ``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
 from __future__ import annotations
@@ -30,17 +33,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from autockpt import __version__
+from autockpt._version import __version__
+from autockpt.convert import ConversionError, flatten_tensors, read_foreign, write_tensors
 from autockpt.errors import (
     AutockptError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
 )
+from autockpt.options import ManagerOptions
 from autockpt.progress import format_bytes
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, step_dirname
+from autockpt.storage import Storage, open_storage, step_dirname
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -146,15 +151,10 @@ def _open_storage(args: argparse.Namespace, url: str | None = None) -> Storage:
     url = url if url is not None else args.url
     opts = storage_options_from(args.storage_option, args.storage_options)
     try:
-        storage = Storage(url, opts)
+        storage = open_storage(url, opts)
     except (ValueError, ImportError, TypeError) as e:
         raise CliError(f"cannot open {url!r}: {e}") from None
-    if storage.atomic_rename:
-        exists = os.path.isdir(storage.root)
-    else:
-        storage.fs.invalidate_cache(storage.root)
-        exists = storage.fs.isdir(storage.root)
-    if not exists:
+    if not storage.root_exists():
         raise CliError(f"no checkpoint directory at {url}: it does not exist. Check the path or URL "
                        "(and --storage-option for credentials or an endpoint).")
     return storage
@@ -204,7 +204,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def _policy(args: argparse.Namespace) -> RetentionPolicy:
     try:
-        return RetentionPolicy(args.max_to_keep, args.keep_every_n_hours, args.keep_best)
+        return ManagerOptions(args.max_to_keep, args.keep_every_n_hours, args.keep_best).policy
     except InvalidArgumentError as e:
         raise CliError(str(e)) from None
 
@@ -220,8 +220,7 @@ def _infos(storage: Storage, steps: Sequence[int]) -> tuple[list[CheckpointInfo]
             manifests[step] = e
             continue
         manifests[step] = m
-        metrics = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))}
-        infos.append(CheckpointInfo(step, float(m["created"]), float(m.get("run_start", m["created"])), metrics))
+        infos.append(CheckpointInfo.from_manifest(m))
     return infos, manifests
 
 
@@ -461,38 +460,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def _is_array(value: Any) -> bool:
-    import numpy as np
-
-    from autockpt.format import is_torch_tensor
-
-    return isinstance(value, (np.ndarray, np.generic)) or is_torch_tensor(value)
-
-
-def flatten_tensors(tree: Any, prefix: str = "") -> tuple[dict[str, Any], int]:
-    """Tensors of a decoded state tree under dotted names (``0.weight``), and how many other leaves it had."""
-    out: dict[str, Any] = {}
-    dropped = 0
-
-    def walk(node: Any, name: str) -> None:
-        nonlocal dropped
-        if _is_array(node):
-            if name in out:
-                raise CliError(f"two tensors would both be exported as {name!r}; pick a sub-tree with --key")
-            out[name or "tensor"] = node
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(v, f"{name}.{i}" if name else str(i))
-        else:
-            dropped += 1
-
-    walk(tree, prefix)
-    return out, dropped
-
-
 def _select(state: dict[str, Any], key: str | None) -> Any:
     if key is None:
         return state
@@ -522,31 +489,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tensors, dropped = flatten_tensors(_select(ckpt.state(), args.key))
     if not tensors:
         raise CliError(f"step {step}{' key ' + repr(args.key) if args.key else ''} holds no tensors to export")
-    import importlib
-
-    import numpy as np
-
-    torch: Any
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        torch = None
-    if kind == "pt" and torch is None:
-        raise CliError("exporting to .pt needs torch; install it, or export to .safetensors")
-    if torch is not None:
-        out = {n: (torch.from_numpy(np.ascontiguousarray(v)) if not isinstance(v, torch.Tensor) else v)
-               for n, v in tensors.items()}
-        if kind == "pt":
-            torch.save(out, dest)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({n: t.contiguous() for n, t in out.items()}, dest, metadata={"autockpt_step": str(step)})
-    else:
-        from safetensors.numpy import save_file as np_save_file
-
-        np_save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()}, dest,
-                     metadata={"autockpt_step": str(step)})
+    write_tensors(dest, kind, tensors, step)
     if dropped:
         print(f"note: {dropped} non-tensor value(s) were left out of {dest}; "
               f"`{_PROG} show` lists them", file=sys.stderr)
@@ -558,88 +501,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ import
 
 
-def _torch_load(path: str, trust_pickle: bool) -> Any:
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trust_pickle:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            if found:
-                raise CliError(
-                    f"{path} holds Python objects such as {found.group(1)} beyond tensors and plain values, so "
-                    "torch.load(weights_only=True) refused it. Loading it runs pickle, which can execute arbitrary "
-                    "code: only if you trust where the file came from, run again with --trust-pickle."
-                ) from None
-            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
-            raise CliError(
-                f"cannot read {path} safely: torch.load(weights_only=True) failed "
-                f"({detail[0] if detail else type(e).__name__}). If it is a torch.save file from a source you "
-                "trust, --trust-pickle reads it with pickle (which can execute arbitrary code)."
-            ) from None
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _read_h5(path: str) -> dict[str, Any]:
-    try:
-        import h5py
-    except ImportError:
-        raise CliError("importing a Keras .weights.h5 file needs h5py: pip install h5py") from None
-    import numpy as np
-
-    out: dict[str, Any] = {}
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset):
-            out[name] = np.asarray(obj[()])
-
-    with h5py.File(path, "r") as f:
-        f.visititems(visit)
-    return out
-
-
-def _is_lightning(obj: Any) -> bool:
-    return isinstance(obj, dict) and "state_dict" in obj and any(
-        k in obj for k in ("pytorch-lightning_version", "lightning_version", "global_step", "epoch")
-    )
-
-
-def read_foreign(src: str, trust_pickle: bool) -> tuple[dict[str, Any], str]:
-    """The state to save for a foreign checkpoint file, and what kind of file it was."""
-    if src.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file as torch_load_file
-
-            loaded: dict[str, Any] = dict(torch_load_file(src))
-        except ImportError:
-            from safetensors.numpy import load_file as numpy_load_file
-
-            loaded = dict(numpy_load_file(src))
-        return {"model": loaded}, "safetensors"
-    if src.endswith(".weights.h5"):
-        return {"model": _read_h5(src)}, "keras.weights.h5"
-    if src.endswith((".pt", ".pth", ".ckpt", ".bin")):
-        obj = _torch_load(src, trust_pickle)
-        if _is_lightning(obj):
-            return {"lightning": obj}, "lightning.ckpt"
-        if isinstance(obj, dict):
-            return {"model": obj}, "torch.state_dict"
-        raise CliError(f"{src} holds a {type(obj).__module__}.{type(obj).__qualname__}, not a state dict; "
-                       "save model.state_dict() instead of the model")
-    raise CliError(f"{src!r}: unknown kind of file; autockpt imports .safetensors, .pt/.pth/.bin (torch.save), "
-                   ".ckpt (Lightning) and .weights.h5 (Keras)")
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     src: str = args.file
     if not os.path.isfile(src):
         raise CliError(f"no file {src!r} to import; give the path of a .safetensors, .pt, .ckpt or .weights.h5 file")
     try:
         state, kind = read_foreign(src, args.trust_pickle)
-    except CliError:
+    except ConversionError:
         raise
     except Exception as e:  # a damaged or foreign file: whatever the reading library raised
         raise CliError(f"cannot read {src}: {type(e).__name__}: {e}") from None
@@ -647,7 +515,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from autockpt.manager import CheckpointManager
 
     opts = storage_options_from(args.storage_option, args.storage_options)
-    storage = Storage(args.to, opts)
+    storage = open_storage(args.to, opts)
     if args.step in storage.scan().committed:
         raise CliError(f"{args.to} already has a checkpoint at step {args.step}; pick another --step "
                        f"(or delete it first)")

@@ -120,12 +120,10 @@ _REFUSED = {
 
 def _rank_world() -> tuple[int, int]:
     """(rank, world size) of the initialised torch.distributed process group, else (0, 1)."""
-    from autockpt.distributed import process_group_initialized
-
-    if not process_group_initialized():
-        return 0, 1
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -3,6 +3,8 @@
 Every error autockpt raises on purpose derives from :class:`AutockptError`, so a caller can catch them all
 at once. Each also derives from the closest built-in exception (``ValueError``, ``TypeError``, ...), so code
 written against those keeps working.
+
+Imports nothing of autockpt: every module may import it.
 """
 
 from __future__ import annotations
@@ -49,8 +51,51 @@ class StateMismatchError(AutockptError, ValueError):
 
 
 class SaveError(AutockptError, OSError):
-    """Writing a checkpoint failed; earlier checkpoints are intact and the partial files were removed."""
+    """Writing a checkpoint failed; earlier checkpoints are intact and the partial files were removed.
+
+    ``failures``: in a multi-process save, each rank that failed and its error message (empty otherwise).
+    """
+
+    failures: dict[int, str] = {}  # a read-only default; set per instance
 
 
 class LeaseError(AutockptError):
     """Another live process holds the writer lease of this checkpoint directory."""
+
+
+class RankFailureError(AutockptError):
+    """An autockpt error raised on other ranks of a multi-process run (like torch DCP's CheckpointException).
+
+    ``failures`` maps each rank that failed to its error. The error is also an instance of the first failed
+    rank's error class (a ``CorruptCheckpointError`` on rank 1 arrives as one on every rank), so code that
+    catches that class keeps working. Build one with :func:`failed_on_ranks`.
+    """
+
+    def __init__(self, message: str, failures: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, BaseException] = dict(failures or {})
+
+
+_ON_RANKS: dict[type, type] = {}
+
+
+def failed_on_ranks(failures: dict[int, BaseException]) -> RankFailureError:
+    """The error to raise on a rank that did not fail itself: the first failure's class, holding every failure.
+
+    ```python
+    from autockpt.errors import CorruptCheckpointError, RankFailureError, failed_on_ranks
+    e = failed_on_ranks({1: CorruptCheckpointError("bad checksum")})
+    assert isinstance(e, CorruptCheckpointError) and isinstance(e, RankFailureError)
+    assert str(e) == "on rank 1: bad checksum" and list(e.failures) == [1]
+    ```
+    """
+    rank, first = min(failures.items())
+    base = type(first) if isinstance(first, AutockptError) else SaveError
+    cls = _ON_RANKS.get(base)
+    if cls is None:
+        cls = _ON_RANKS[base] = type(f"{base.__name__}OnOtherRanks", (RankFailureError, base), {})
+    err = cls(f"on rank {rank}: {first}", failures)
+    for key, value in vars(first).items():  # e.g. StateMismatchError's missing/unexpected/mismatched
+        setattr(err, key, value)
+    err.failures = dict(failures)
+    return err

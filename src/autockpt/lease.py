@@ -7,7 +7,8 @@ one's. A lease is dead, and may be taken over, once it expired (its writer stopp
 machine gone) or, at once, when its writer was a process on this same host that no longer exists (so a job
 restarted after ``kill -9`` on the same machine does not wait). Readers never take the lease.
 
-On local disks the lease is replaced atomically (write a temporary file, rename). On object stores, which
+Imports ``autockpt.errors`` and ``autockpt.storage``. The lease is a small file of the storage: on local disks
+it is replaced atomically (write a temporary file, rename). On object stores, which
 have no compare-and-swap through fsspec, it is best effort: two writers starting within the same second may
 both believe they hold it; the second one notices at its next renewal and stops writing with an error.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -64,11 +64,7 @@ class WriterLease:
 
     def read(self) -> dict[str, Any] | None:
         try:
-            if self.storage.atomic_rename:
-                with open(self.path, "rb") as f:
-                    raw = f.read(65536)
-            else:
-                raw = self.storage.fs.cat_file(self.path)
+            raw = self.storage.read_small(LEASE_NAME, 65536)
             lease = json.loads(raw)
             return lease if isinstance(lease, dict) else None
         except (OSError, ValueError, UnicodeDecodeError):
@@ -90,14 +86,7 @@ class WriterLease:
 
     def _write(self) -> None:
         body = json.dumps({**self.me, "expires": time.time() + self.ttl, "ttl": self.ttl}).encode()
-        if self.storage.atomic_rename:
-            os.makedirs(self.storage.root, exist_ok=True)
-            tmp = f"{self.path}.tmp-{secrets.token_hex(4)}"
-            with open(tmp, "wb") as f:
-                f.write(body)
-            os.replace(tmp, self.path)
-        else:
-            self.storage.fs.pipe_file(self.path, body)
+        self.storage.write_small(LEASE_NAME, body)
 
     def describe(self, lease: dict[str, Any]) -> str:
         left = max(0.0, float(lease.get("expires", 0)) - time.time())
@@ -144,10 +133,7 @@ class WriterLease:
 
     def _delete(self) -> None:
         try:
-            if self.storage.atomic_rename:
-                os.unlink(self.path)
-            else:
-                self.storage.fs.rm_file(self.path)
+            self.storage.remove_small(LEASE_NAME)
         except FileNotFoundError:
             pass
 

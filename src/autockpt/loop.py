@@ -48,18 +48,18 @@ is killed without warning (SIGKILL, OOM, a lost node) resumes from the newest ch
 
 from __future__ import annotations
 
-import inspect
 import logging
 import signal
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+from autockpt.coordination import process_group_initialized
 from autockpt.data import ResumableLoader, is_plain_dataloader
-from autockpt.distributed import process_group_initialized
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
+from autockpt.options import ManagerOptions
 from autockpt.preemption import DEFAULT_SIGNALS, Preempted, PreemptionWatcher
 from autockpt.rng import RNGState
 
@@ -67,10 +67,7 @@ log = logging.getLogger("autockpt")
 
 DEFAULT_EVERY_N_SECONDS = 600.0
 _RESERVED = ("model", "optimizer", "scheduler", "data", "rng", "loop")
-_MANAGER_OPTIONS = tuple(
-    p for p in inspect.signature(CheckpointManager.__init__).parameters
-    if p not in ("self", "directory", "save_interval_steps", "save_interval_seconds")
-)
+_MANAGER_OPTIONS = tuple(p for p in ManagerOptions.names() if p not in ("save_interval_steps", "save_interval_seconds"))
 
 
 class _Progress:
@@ -323,7 +320,7 @@ class Run:
     def _signalled(self) -> bool:
         """Whether to stop: this process got a signal or, under torch.distributed, any rank did."""
         if process_group_initialized():
-            from autockpt.integrations.torch_distributed import any_rank
+            from autockpt.coordination.torch_dist import any_rank
 
             return any_rank(self._watcher.triggered)
         return self._watcher.triggered

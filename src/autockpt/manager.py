@@ -1,4 +1,9 @@
-"""``CheckpointManager``: when to save, what to keep, and restoring the newest checkpoint that verifies."""
+"""``CheckpointManager``: when to save, what to keep, and restoring the newest checkpoint that verifies.
+
+One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
+restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
+staging, fit, progress, reader, format, storage, errors.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,14 @@ import errno
 import logging
 import math
 import os
-import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
 
-from autockpt import state as state_mod
-from autockpt.distributed import coordinator_for
+from autockpt import fit
+from autockpt.coordination import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -26,29 +27,20 @@ from autockpt.errors import (
     SaveError,
 )
 from autockpt.format import (
-    CHECKSUM,
     TensorEntry,
     TreeEncoder,
-    is_torch_tensor,
     json_plain,
     new_manifest,
-    write_safetensors,
 )
 from autockpt.lease import WriterLease
+from autockpt.options import ManagerOptions, check_directory
 from autockpt.progress import ProgressReporter
-from autockpt.reader import check_sizes, open_checkpoint, read_manifest
-from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import CheckpointWriter, Storage, step_dirname, transient
+from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
+from autockpt.retention import CheckpointInfo, KeepBest
+from autockpt.staging import BackgroundSaver
+from autockpt.storage import open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
-
-
-def _check_interval(name: str, value: Any, kind: type) -> None:
-    if value is None:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-    if not ok or value <= 0 or (kind is float and not math.isfinite(value)):
-        raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
 class CheckpointManager:
@@ -111,36 +103,26 @@ class CheckpointManager:
         progress: bool = False,
         distributed: bool | None = None,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
-        self.policy = RetentionPolicy(max_to_keep, keep_every_n_hours, keep_best)
-        _check_interval("save_interval_steps", save_interval_steps, int)
-        _check_interval("save_interval_seconds", save_interval_seconds, float)
-        if not isinstance(async_save, bool):
-            raise InvalidArgumentError(f"async_save must be True or False, got {async_save!r}")
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
-        _check_interval("max_consecutive_failures", max_consecutive_failures, int)
-        if not isinstance(progress, bool):
-            raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
+        check_directory(directory)
+        self.options = ManagerOptions(
+            max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
+            storage_options, max_consecutive_failures, progress, distributed,
+        )
+        self.policy = self.options.policy
         self.progress = progress
         self.max_consecutive_failures = max_consecutive_failures
         self._failures = 0
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.async_save = async_save
-        self.storage = Storage(directory, dict(storage_options or {}))
+        self.storage = open_storage(directory, dict(storage_options or {}))
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
         self.shard_bytes = 512 * 2**20
-        self._staging: dict[str, Any] = {}  # async snapshots: host buffers reused between saves
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._background = BackgroundSaver()  # async_save: host staging buffers and the writing thread
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
-        if distributed not in (None, True, False):
-            raise InvalidArgumentError(f"distributed must be None (detect), True or False, got {distributed!r}")
         self._coord = coordinator_for(self.storage, distributed)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage)  # held by the writing rank only
@@ -168,13 +150,9 @@ class CheckpointManager:
         ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
         """
         self._wait()
-        for step in sorted(self._coord.same(self.storage.scan().committed), reverse=True):
-            try:
-                self._coord.run_on_all(self._check_files, step)
-                return step
-            except CorruptCheckpointError as e:
-                log.warning("autockpt: checkpoint %s does not verify: %s", step_dirname(step), e)
-        return None
+        steps = sorted(self._coord.broadcast_from_writer(self.storage.scan().committed), reverse=True)
+        found = newest_that_verifies(steps, lambda s: self._coord.run_raising_everywhere(self._check_files, s))
+        return None if found is None else found[0]
 
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due under ``save_interval_steps``/``save_interval_seconds`` (always, if neither)."""
@@ -220,36 +198,33 @@ class CheckpointManager:
             self._failed(e, counted=True)
         encoder = TreeEncoder()
         tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}  # bad values raise before any write
-        problem = self._coord.same(self._take_lease() if self._coord.is_writer else None)
+        problem = self._coord.broadcast_from_writer(self._take_lease() if self._coord.is_writer else None)
         if problem is not None:  # every rank learns of it, so that no rank waits for the others
-            kind, message = problem
-            if kind == "lease":
-                raise LeaseError(message)
-            self._failed(SaveError(message))
+            if isinstance(problem, LeaseError):
+                raise problem
+            self._failed(problem)
             return False
-        committed = self._coord.same(self.storage.scan().committed)
+        committed = self._coord.broadcast_from_writer(self.storage.scan().committed)
         if step in committed:
             try:
                 self._check_files(step)
                 already = True
             except CorruptCheckpointError:
                 already = False
-            if self._coord.same(already):
+            if self._coord.broadcast_from_writer(already):
                 log.info("autockpt: step %d already has a committed checkpoint; not saving it again", step)
                 return False
             self._manifests.pop(step, None)  # damaged: write it again
         entries = self._coord.prepare(encoder.tensors)
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = [replace(e, value=self._stage(e)) for e in entries]
-            _sync_devices(entries)
-            self._thread = threading.Thread(
-                target=self._write_in_background,
-                args=(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed)),
-                name=f"autockpt-save-{step}",
-                daemon=True,
+            entries = self._background.snapshot(entries)
+            before = set(committed)
+            self._background.start(
+                step,
+                lambda: self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, before),
+                on_failure=self._count_background_failure,
             )
-            self._thread.start()
         else:
             try:
                 self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, set(committed))
@@ -259,17 +234,17 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return True
 
-    def _take_lease(self) -> tuple[str, str] | None:
-        """Hold the writer lease (cleaning leftovers once it is ours); a problem as (kind, message)."""
+    def _take_lease(self) -> LeaseError | SaveError | None:
+        """Hold the writer lease (cleaning leftovers once it is ours); the problem, as an error, if that failed."""
         try:
             self._lease.check()
             if not self._lease.held:
                 self._lease.acquire()
                 self.storage.cleanup(self.storage.scan())
         except LeaseError as e:
-            return "lease", str(e)
+            return LeaseError(str(e))
         except OSError as e:
-            return "io", f"cannot write to {self.directory}: {e!r}"
+            return SaveError(f"cannot write to {self.directory}: {e!r}")
         return None
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
@@ -345,33 +320,6 @@ class CheckpointManager:
         if self._coord.is_writer:
             self._prune(step, committed | {step})
 
-    def _stage(self, entry: TensorEntry) -> Any:
-        """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
-        value = entry.value
-        buf: Any = self._staging.get(entry.name)
-        if is_torch_tensor(value):
-            value = value.detach()
-            if not (is_torch_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype):
-                torch = sys.modules["torch"]
-                pin = value.device.type == "cuda"
-                buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
-            buf.copy_(value, non_blocking=value.device.type == "cuda")
-        else:
-            value = np.asarray(value)
-            if not (isinstance(buf, np.ndarray) and buf.shape == value.shape and buf.dtype == value.dtype):
-                buf = np.empty_like(value, order="C")
-            np.copyto(buf, value)
-        self._staging[entry.name] = buf
-        return buf
-
-    def _write_in_background(self, *args: Any) -> None:
-        try:
-            self._write(*args)
-        except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
-            log.error("autockpt: background save of step %d failed: %r", args[0], e)
-            self._failures += 1
-            self._error = e
-
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
         manager the only writer, so it is what was listed before the save plus the step just saved."""
@@ -382,8 +330,7 @@ class CheckpointManager:
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 log.warning("autockpt: leaving unreadable checkpoint %s alone: %s", step_dirname(step), e)
                 continue
-            metrics = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))}
-            infos.append(CheckpointInfo(step, float(m["created"]), float(m.get("run_start", m["created"])), metrics))
+            infos.append(CheckpointInfo.from_manifest(m))
         keep = self.policy.keep(infos) | {just_saved}
         for info in infos:
             if info.step not in keep:
@@ -391,16 +338,14 @@ class CheckpointManager:
                 self._manifests.pop(info.step, None)
                 log.debug("autockpt: deleted checkpoint %s (retention)", step_dirname(info.step))
 
+    def _count_background_failure(self, error: BaseException) -> None:
+        self._failures += 1
+
     def _wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._background.wait()
 
     def _join(self) -> None:
-        self._wait()
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        self._background.join()
 
     def wait_until_finished(self) -> None:
         """Block until the in-flight background save committed; raise its error if it failed."""
@@ -440,7 +385,7 @@ class CheckpointManager:
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
         self._wait()
-        committed = self._coord.same(self.storage.scan().committed)
+        committed = self._coord.broadcast_from_writer(self.storage.scan().committed)
         if step is not None:
             if step not in committed:
                 raise CheckpointNotFoundError(
@@ -449,74 +394,20 @@ class CheckpointManager:
             steps = [step]
         else:
             steps = sorted(committed, reverse=True)
-        for s in steps:
-            t0 = time.perf_counter()
-            try:
-                ckpt = self._coord.run_on_all(open_checkpoint, self.storage, s)
-            except CorruptCheckpointError as e:
-                if step is not None:
-                    raise
-                log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
-                            step_dirname(s), e)
-                continue
-            size = sum(f["size"] for f in ckpt.manifest["files"].values())
-            with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
-                self._coord.run_on_all(state_mod.check, state, ckpt.manifest["state"], ckpt.metas)
-                ckpt.on_bytes = bar.update
-                state_mod.apply(state, ckpt.manifest["state"], ckpt.tensor)
-            secs = time.perf_counter() - t0
-            log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
-                     size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-            return s
-        return None
+        t0 = time.perf_counter()
+        def verify(s: int) -> Checkpoint:
+            return self._coord.run_raising_everywhere(open_checkpoint, self.storage, s)
 
-
-def _sync_devices(entries: list[TensorEntry]) -> None:
-    """Wait for the non-blocking device-to-host copies of a snapshot to land."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEntry]]:
-    """Split tensors into files of about ``shard_bytes`` each (largest first into the emptiest file)."""
-    total = sum(e.nbytes for e in entries)
-    n = max(1, min(len(entries), math.ceil(total / shard_bytes)))
-    groups: list[list[TensorEntry]] = [[] for _ in range(n)]
-    loads = [0] * n
-    for e in sorted(entries, key=lambda e: -e.nbytes):
-        i = loads.index(min(loads))
-        groups[i].append(e)
-        loads[i] += e.nbytes
-    return groups
-
-
-def write_payload(
-    writer: CheckpointWriter,
-    entries: list[TensorEntry],
-    shard_bytes: int,
-    prefix: str = "tensors",
-    on_bytes: Callable[[int], None] | None = None,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Write tensors into one or more safetensors files, in parallel; returns (files, tensors) manifest parts."""
-    groups = _shards(entries, shard_bytes)
-    names = [f"{prefix}.safetensors"] if len(groups) == 1 else [
-        f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
-    ]
-
-    def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-        return writer.write_file(name, lambda f: write_safetensors(f, group, on_bytes))
-
-    if len(groups) == 1:
-        results = [write_one(names[0], groups[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
-            results = list(pool.map(write_one, names, groups))
-    files: dict[str, dict[str, Any]] = {}
-    tensors: dict[str, dict[str, Any]] = {}
-    for name, group, (size, digest, offsets) in zip(names, groups, results, strict=True):
-        files[name] = {"size": size, CHECKSUM: digest}
-        for e in group:
-            tensors[e.name] = {"file": name, "dtype": e.dtype, "shape": e.shape, "offsets": offsets[e.name],
-                               "framework": e.framework}
-    return files, tensors
+        found = newest_that_verifies(steps, verify, strict=step is not None)
+        if found is None:
+            return None
+        s, ckpt = found
+        size = sum(f["size"] for f in ckpt.manifest["files"].values())
+        with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
+            self._coord.run_raising_everywhere(fit.check, state, ckpt.manifest["state"], ckpt.metas)
+            ckpt.on_bytes = bar.update
+            fit.apply(state, ckpt.manifest["state"], ckpt.tensor)
+        secs = time.perf_counter() - t0
+        log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
+                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
+        return s

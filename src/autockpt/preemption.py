@@ -3,6 +3,8 @@
 A signal handler must not save: it runs between two bytecodes of whatever the program was doing, perhaps
 half-way through an optimizer update. ``PreemptionWatcher`` only records the signal; the loop (or callback)
 finishes the current step, saves, and stops.
+
+One job: turning a preemption signal into a flag. Imports only ``autockpt.errors``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ It draws only when asked (``enabled``), when the stream is a terminal and when t
 ``min_bytes`` (64 MiB by default); otherwise every call does nothing. The line is redrawn in place with
 ``\\r`` at most a few times a second and finished with a newline by :meth:`ProgressReporter.close`. The
 summary line that is logged after every save and restore is the caller's business (the ``autockpt`` logger).
+
+One job: progress on the terminal. Imports nothing of autockpt.
 """
 
 from __future__ import annotations

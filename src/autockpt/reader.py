@@ -4,6 +4,9 @@
 is listed, each payload file's size and xxh3-64 checksum (streamed in chunks: no copy of the file is held),
 and that each safetensors header agrees with the manifest. Only then can tensors be read: into the target's
 own memory when it is a contiguous host tensor of the same dtype and shape, else into a new tensor.
+
+Imports ``autockpt.errors``, ``autockpt.format`` and ``autockpt.storage`` (and ``autockpt.dtensor`` only for
+checkpoints with sharded tensors).
 """
 
 from __future__ import annotations
@@ -12,104 +15,27 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
-import xxhash
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import (
-    _ST_DTYPES,
-    _ST_TORCH,
     CHECKSUM,
+    ST_DTYPES,
+    ST_TO_TORCH,
+    TensorMeta,
     decode_tree,
     is_torch_tensor,
     parse_manifest,
     parse_safetensors_header,
-    valid_file_name,
 )
-from autockpt.storage import Storage, retry, step_dirname
+from autockpt.storage import PayloadFile, Storage, open_storage, step_dirname
 
 log = logging.getLogger("autockpt")
-_CHUNK = 4 * 2**20
-
-
-class PayloadFile:
-    """One payload file: a file descriptor on local disks, the downloaded bytes elsewhere."""
-
-    def __init__(self, storage: Storage, step: int, name: str, size: int) -> None:
-        if not valid_file_name(name):
-            raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
-        self.path = storage.path(step_dirname(step), name)
-        self.size = size
-        self._fd: int | None = None
-        self._buf: bytearray | None = None
-        try:
-            if storage.atomic_rename:
-                self._fd = storage.open_local(step, name)
-                actual = os.fstat(self._fd).st_size
-            else:
-                actual = retry(lambda: self._download(storage, size), f"reading {self.path}")
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.path}: payload file is missing") from None
-        if actual != size:
-            self.close()
-            raise CorruptCheckpointError(f"{self.path}: {actual} bytes, the manifest says {size}")
-
-    def _download(self, storage: Storage, size: int) -> int:
-        with storage.fs.open(self.path, "rb") as f:
-            if f.size == size:
-                self._buf = bytearray(size)
-                self._fill(f, memoryview(self._buf))
-            return int(f.size)
-
-    def _fill(self, f: Any, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise CorruptCheckpointError(f"{self.path}: ended after {got} of {len(view)} bytes")
-            got += n
-
-    def read_into(self, offset: int, view: memoryview) -> None:
-        """Fill ``view`` with the file's bytes from ``offset``."""
-        if self._buf is not None:
-            view[:] = memoryview(self._buf)[offset : offset + len(view)]
-            return
-        assert self._fd is not None
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
-            got += n
-
-    def read(self, offset: int, n: int) -> bytes:
-        out = bytearray(n)
-        self.read_into(offset, memoryview(out))
-        return bytes(out)
-
-    def checksum(self) -> str:
-        if self._buf is not None:
-            return xxhash.xxh3_64_hexdigest(self._buf)
-        h = xxhash.xxh3_64()
-        chunk = bytearray(min(_CHUNK, max(self.size, 1)))
-        view = memoryview(chunk)
-        pos = 0
-        while pos < self.size:
-            n = min(len(chunk), self.size - pos)
-            self.read_into(pos, view[:n])
-            h.update(view[:n])
-            pos += n
-        return h.hexdigest()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._buf = None
+T = TypeVar("T")
 
 
 @dataclass
@@ -123,8 +49,6 @@ class Checkpoint:
 
     @property
     def metas(self) -> dict[str, Any]:
-        from autockpt.state import TensorMeta
-
         metas = {n: TensorMeta(n, t["dtype"], tuple(t["shape"])) for n, t in self.manifest["tensors"].items()}
         for n, info in sharded_tensors(self.manifest).items():
             metas[n] = TensorMeta(n, info["dtype"], tuple(info["shape"]))
@@ -137,7 +61,7 @@ class Checkpoint:
         this rank's part is read: that is how a different world size reshards on load).
         """
         if name not in self.manifest["tensors"]:
-            from autockpt.integrations.torch_distributed import read_sharded
+            from autockpt.dtensor import read_sharded
 
             return read_sharded(self, name, sharded_tensors(self.manifest)[name], like)
         meta = self.manifest["tensors"][name]
@@ -151,7 +75,7 @@ class Checkpoint:
             except ImportError:
                 torch = None
         if framework == "torch" and torch is not None:
-            tdtype = getattr(torch, _ST_TORCH[dtype])
+            tdtype = getattr(torch, ST_TO_TORCH[dtype])
             inplace = (is_torch_tensor(like) and like.device.type == "cpu" and like.dtype == tdtype
                        and list(like.shape) == shape and like.is_contiguous())
             out = like.detach() if inplace else torch.empty(shape, dtype=tdtype)
@@ -160,7 +84,7 @@ class Checkpoint:
                 if self.on_bytes is not None:
                     self.on_bytes(e - b)
             return like if inplace else out
-        np_dtype = _ST_DTYPES[dtype][0]
+        np_dtype = ST_DTYPES[dtype][0]
         if np_dtype is None:
             raise CorruptCheckpointError(f"tensor {name!r} has dtype {dtype}: install torch to load it")
         if (isinstance(like, np.ndarray) and like.dtype == np_dtype and list(like.shape) == shape
@@ -233,9 +157,8 @@ def check_sizes(storage: Storage, step: int, manifest: dict[str, Any]) -> None:
     """Raise CorruptCheckpointError unless every payload file exists with its recorded size (no data read)."""
     where = f"{storage.url} {step_dirname(step)}"
     for fname, info in manifest["files"].items():
-        path = storage.path(step_dirname(step), fname)
         try:
-            size = os.path.getsize(path) if storage.atomic_rename else storage.fs.size(path)
+            size = storage.file_size(step, fname)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{where}: {fname} is missing") from None
         if size != info["size"]:
@@ -268,7 +191,7 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     ckpt = Checkpoint(step, manifest)
     try:
         for fname, info in manifest["files"].items():
-            f = PayloadFile(storage, step, fname, info["size"])
+            f = storage.open_payload(step, fname, info["size"])
             ckpt.files[fname] = (f, 0)
             if f.checksum() != info[CHECKSUM]:
                 raise CorruptCheckpointError(f"{where}: {fname} does not match its checksum")
@@ -291,6 +214,37 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
     return ckpt
 
 
+def newest_that_verifies(
+    steps: Iterable[int], verify: Callable[[int], T], strict: bool = False
+) -> tuple[int, T] | None:
+    """The first of ``steps`` (give them newest first) for which ``verify(step)`` does not raise
+    CorruptCheckpointError, with what it returned; None if none does.
+
+    Each step that fails is logged as a warning naming it, and the next one is tried; with ``strict`` (a step
+    the caller asked for by number) the failure is raised instead. ``verify`` returns what the caller needs
+    of the checkpoint (an open ``Checkpoint``, a manifest, the state), so that it is read once.
+
+    ```python
+    from autockpt.errors import CorruptCheckpointError
+    from autockpt.reader import newest_that_verifies
+    def verify(step):
+        if step == 3:
+            raise CorruptCheckpointError("damaged")
+        return f"manifest of {step}"
+    assert newest_that_verifies([3, 2, 1], verify) == (2, "manifest of 2")
+    ```
+    """
+    for step in steps:
+        try:
+            return step, verify(step)
+        except CorruptCheckpointError as e:
+            if strict:
+                raise
+            log.warning("autockpt: checkpoint %s does not verify, falling back to an older one: %s",
+                        step_dirname(step), e)
+    return None
+
+
 def load(url: str | os.PathLike[str], step: int | None = None, storage_options: Mapping[str, Any] | None = None
          ) -> dict[str, Any]:
     """Read a checkpoint without a model: the nested state as tensors, numpy arrays and Python values.
@@ -303,14 +257,14 @@ def load(url: str | os.PathLike[str], step: int | None = None, storage_options: 
     weights = state["model"]          # the model's state dict, as saved
     ```
     """
-    storage = Storage(url, dict(storage_options or {}))
+    storage = open_storage(url, dict(storage_options or {}))
     steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
-    for s in steps:
-        try:
-            with open_checkpoint(storage, s) as ckpt:
-                return ckpt.state()
-        except CorruptCheckpointError as e:
-            if step is not None:
-                raise
-            log.warning("autockpt: skipping checkpoint %s: %s", step_dirname(s), e)
-    raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
+
+    def read_state(s: int) -> dict[str, Any]:
+        with open_checkpoint(storage, s) as ckpt:
+            return ckpt.state()
+
+    found = newest_that_verifies(steps, read_state, strict=step is not None)
+    if found is None:
+        raise CheckpointNotFoundError(f"no valid checkpoint in {storage.url}")
+    return found[1]

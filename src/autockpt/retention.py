@@ -9,14 +9,16 @@ The kept set is the union of
 
 Each rule picks the same checkpoints whether it sees the whole history or only what an earlier pruning
 left, so re-computing it after a restart never deletes what it kept before.
+
+One job: which checkpoints to keep. Imports only ``autockpt.errors``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from autockpt.errors import InvalidArgumentError
 
@@ -55,6 +57,20 @@ class CheckpointInfo:
     created: float  # unix time
     run_start: float  # unix time of the run's first checkpoint
     metrics: dict[str, float]
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> CheckpointInfo:
+        """The retention facts of a parsed manifest (numeric metrics only; ``run_start`` defaults to ``created``).
+
+        ```python
+        from autockpt.retention import CheckpointInfo
+        info = CheckpointInfo.from_manifest({"step": 5, "created": 10.0, "metrics": {"loss": 0.5, "note": None}})
+        assert info == CheckpointInfo(5, 10.0, 10.0, {"loss": 0.5})
+        ```
+        """
+        m = manifest
+        metrics = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))}
+        return cls(int(m["step"]), float(m["created"]), float(m.get("run_start", m["created"])), metrics)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""``RNGState``: the global random generators as one stateful object."""
+"""``RNGState``: the global random generators as one stateful object.
+
+One job: the global random generators as one stateful object. Imports only ``autockpt.errors``.
+"""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def error_of(fn: Any) -> dict[str, Any] | None:
     try:
         fn()
     except AutockptError as e:
-        return {"type": type(e).__name__, "message": str(e), "secs": time.monotonic() - t0}
+        return {"type": type(e).__name__, "message": str(e), "secs": time.monotonic() - t0,
+                "failed_ranks": sorted(getattr(e, "failures", None) or {})}
     return None
 
 

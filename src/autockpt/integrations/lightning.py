@@ -170,7 +170,7 @@ def _exit_after_teardown(trainer: Any, code: int) -> None:
 # --------------------------------------------------------------------------------- data order
 
 
-class _ResumableSampler:
+class _SeededEpochSampler:
     """Wraps the sampler under a ``BatchSampler``: the order of an epoch is fixed by ``seed`` and the epoch.
 
     The wrapped sampler is listed once per epoch with torch's global generator seeded from ``(seed, epoch)``
@@ -387,7 +387,7 @@ class AutoCheckpoint(_Base):
         self.signal: int | None = None
         self._manager: CheckpointManager | None = None
         self._seed: int | None = None
-        self._samplers: list[_ResumableSampler] = []
+        self._samplers: list[_SeededEpochSampler] = []
         self._pending: dict[str, Any] | None = None
         self._batches_done = 0
         self._last_saved_step: int | None = None
@@ -493,8 +493,8 @@ class AutoCheckpoint(_Base):
             if is_stateful(dl):
                 continue  # Lightning saves and restores its position itself
             if type(bs) is torch.utils.data.BatchSampler:
-                if not isinstance(bs.sampler, _ResumableSampler):
-                    bs.sampler = _ResumableSampler(bs.sampler, bs.batch_size, self._seed)
+                if not isinstance(bs.sampler, _SeededEpochSampler):
+                    bs.sampler = _SeededEpochSampler(bs.sampler, bs.batch_size, self._seed)
                 bs.sampler.seed = self._seed
                 bs.sampler.epoch = int(trainer.current_epoch)
                 self._samplers.append(bs.sampler)

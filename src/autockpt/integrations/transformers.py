@@ -52,9 +52,11 @@ from typing import Any
 
 import xxhash
 
-import autockpt
 from autockpt.errors import InvalidArgumentError, StateMismatchError
+from autockpt.manager import CheckpointManager
 from autockpt.preemption import PreemptionWatcher
+from autockpt.retention import KeepBest
+from autockpt.rng import RNGState
 
 try:
     import torch
@@ -247,7 +249,7 @@ class AutoCheckpoint(TrainerCallback):
         self.preempted = False
         self.signal: int | None = None
         self._trainer: Any = None
-        self._manager: autockpt.CheckpointManager | None = None
+        self._manager: CheckpointManager | None = None
         self._watcher = PreemptionWatcher()
         self._marker: str | None = None  # the resume_from_checkpoint we hand Trainer; a temporary directory
         self._pending: dict[str, Any] = {}  # restored state waiting for the moment Trainer loads it
@@ -328,7 +330,7 @@ class AutoCheckpoint(TrainerCallback):
     def _train(self, trainer: Any, original: Callable[..., Any], resume_from_checkpoint: Any, *a: Any,
                **k: Any) -> Any:
         self.preempted, self.signal, self.restored_step = False, None, None
-        self._manager = autockpt.CheckpointManager(self.directory, keep_best=self._keep_best(trainer.args),
+        self._manager = CheckpointManager(self.directory, keep_best=self._keep_best(trainer.args),
                                                    **self._manager_options)
         self._frozen_hash = None
         self._eval = None
@@ -361,7 +363,7 @@ class AutoCheckpoint(TrainerCallback):
                 sys.exit(self.exit_code)
         return result
 
-    def _keep_best(self, args: Any) -> autockpt.KeepBest | None:
+    def _keep_best(self, args: Any) -> KeepBest | None:
         metric = self.metric_for_best or args.metric_for_best_model
         if metric is None:
             self._metric = None
@@ -371,7 +373,7 @@ class AutoCheckpoint(TrainerCallback):
         if greater is None:
             greater = args.greater_is_better if self.metric_for_best is None and args.greater_is_better is not None \
                 else not self._metric.endswith("loss")
-        return autockpt.KeepBest(self._metric, mode="max" if greater else "min", k=self.keep_best)
+        return KeepBest(self._metric, mode="max" if greater else "min", k=self.keep_best)
 
     def _read(self, step: int | None) -> tuple[int | None, dict[str, Any]]:
         """The checkpoint of ``step`` (newest that verifies if None), checksums verified, as plain values."""
@@ -446,7 +448,7 @@ class AutoCheckpoint(TrainerCallback):
     def _load_rng(self) -> None:
         rng = self._pending.pop("rng", None)
         if rng is not None:
-            autockpt.RNGState().load_state_dict(rng)
+            RNGState().load_state_dict(rng)
 
     def _load_best_model(self, trainer: Any) -> None:
         best = trainer.state.best_global_step
@@ -525,7 +527,7 @@ class AutoCheckpoint(TrainerCallback):
             step,
             {"model": weights, "optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler,
              "scaler": scaler.state_dict() if scaler is not None else None, "trainer_state": trainer_state,
-             "rng": autockpt.RNGState(), "frozen": self._frozen_hash},
+             "rng": RNGState(), "frozen": self._frozen_hash},
             metrics=metrics, force=True,
             metadata={"integration": "transformers", "epoch": state.epoch,
                       "training_args": json.loads(trainer.args.to_json_string())},

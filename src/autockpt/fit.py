@@ -5,30 +5,22 @@ placeholders, no data read) and raises :class:`~autockpt.errors.StateMismatchErr
 unexpected or mismatched key. Only then ``apply`` copies values: tensors with ``copy_``/``copyto`` into the
 existing storage (parameters keep their identity), stateful objects through ``load_state_dict``, plain
 values by replacing them in their container.
+
+Imports ``autockpt.errors`` and ``autockpt.format``.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from autockpt.errors import InvalidArgumentError, StateMismatchError
-from autockpt.format import decode_tree, is_stateful, is_tensor, is_torch_tensor, tensor_dtype_code
+from autockpt.format import TensorMeta, decode_tree, is_stateful, is_tensor, is_torch_tensor, tensor_dtype_code
 
 TensorSource = Callable[[str, Any], Any]  # (name, like) -> tensor, read into ``like`` where it fits
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """A tensor of the checkpoint, before its data is read."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 def _p(path: tuple[Any, ...]) -> str:

@@ -1,0 +1,3 @@
+"""The version of autockpt, in a module of its own so that low layers can read it. Imports nothing."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""What the manager asks of the ranks of a run: the ``Coordinator`` protocol. Every method is collective.
+
+Imports ``autockpt.format`` and ``autockpt.storage`` (for types).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from autockpt.format import TensorEntry
+from autockpt.storage import Storage
+
+T = TypeVar("T")
+ManifestBuilder = Callable[[dict[str, dict[str, Any]], dict[str, dict[str, Any]]], dict[str, Any]]
+
+
+class Coordinator(Protocol):
+    """What the manager asks of the ranks of a run. Every method is collective: all ranks call it, in order."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes the manifest, commits and prunes (rank 0)."""
+        ...
+
+    def setup(self, storage: Storage) -> None:
+        """Check that every rank sees the same storage; raise InvalidArgumentError on every rank if not."""
+        ...
+
+    def agree_to_save(self, step: int, due: bool) -> bool:
+        """All ranks must pass the same ``step``; returns True on every rank if any rank wants to save."""
+        ...
+
+    def broadcast_from_writer(self, value: T) -> T:
+        """The writer's ``value``, on every rank."""
+        ...
+
+    def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on every rank; if it raises an autockpt error on any rank, raise it on every rank."""
+        ...
+
+    def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:
+        """The tensors this rank writes (replicated ones on the writer only, sharded ones as local shards)."""
+        ...
+
+    def write(
+        self, storage: Storage, step: int, entries: list[TensorEntry], shard_bytes: int, make_manifest: ManifestBuilder,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Write this rank's tensors and, once every rank succeeded, commit; returns the manifest."""
+        ...

@@ -1,0 +1,52 @@
+"""``LocalCoordinator``: one process, whose every decision is its own; it writes and commits everything.
+
+Imports ``autockpt.coordination.base``, ``autockpt.format``, ``autockpt.payload`` and ``autockpt.storage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from autockpt.coordination.base import ManifestBuilder
+from autockpt.format import TensorEntry, dump_manifest
+from autockpt.payload import write_payload
+from autockpt.storage import Storage
+
+T = TypeVar("T")
+
+
+class LocalCoordinator:
+    """One process: every decision is its own, and it writes and commits everything."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_writer(self) -> bool:
+        return True
+
+    def setup(self, storage: Storage) -> None:
+        return None
+
+    def agree_to_save(self, step: int, due: bool) -> bool:
+        return due
+
+    def broadcast_from_writer(self, value: T) -> T:
+        return value
+
+    def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:
+        return entries
+
+    def write(
+        self, storage: Storage, step: int, entries: list[TensorEntry], shard_bytes: int, make_manifest: ManifestBuilder,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        with storage.writer(step) as w:
+            files, tensors = write_payload(w, entries, shard_bytes, on_bytes=on_bytes)
+            manifest = make_manifest(files, tensors)
+            w.commit(dump_manifest(manifest))
+        return manifest

@@ -1,0 +1,102 @@
+"""Asynchronous saves: a snapshot of the tensors in reused host buffers, written by one background thread.
+
+One job: ``async_save=True``'s mechanics, apart from the manager's decisions. ``snapshot`` copies each tensor
+into its host staging buffer (reused from the previous save while it still fits; pinned for CUDA sources) and
+waits for the device copies to land; ``start`` runs the write in a background thread; ``join`` waits for it
+and raises its error. Imports ``autockpt.format``; torch only through ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from autockpt.format import TensorEntry, is_torch_tensor
+
+log = logging.getLogger("autockpt")
+
+
+class BackgroundSaver:
+    """At most one save in flight; its host buffers are kept for the next snapshot.
+
+    ```python
+    import numpy as np
+    from autockpt.format import TensorEntry
+    from autockpt.staging import BackgroundSaver
+    saver = BackgroundSaver()
+    entry = TensorEntry("w", np.ones(3), "numpy", "F64", [3])
+    staged = saver.snapshot([entry])
+    saver.start(1, lambda: None, on_failure=lambda e: None)
+    saver.join()
+    assert staged[0].value.tolist() == [1.0, 1.0, 1.0]
+    ```
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}  # tensor name -> host buffer, reused between saves
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def snapshot(self, entries: list[TensorEntry]) -> list[TensorEntry]:
+        """The entries with their values copied to host staging buffers (the training may change them now)."""
+        staged = [replace(e, value=self._stage(e)) for e in entries]
+        _sync_devices()
+        return staged
+
+    def _stage(self, entry: TensorEntry) -> Any:
+        """Copy a tensor into its host staging buffer, reused from the previous save when it still fits."""
+        value = entry.value
+        buf: Any = self._buffers.get(entry.name)
+        if is_torch_tensor(value):
+            value = value.detach()
+            if not (is_torch_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype):
+                torch = sys.modules["torch"]
+                pin = value.device.type == "cuda"
+                buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+            buf.copy_(value, non_blocking=value.device.type == "cuda")
+        else:
+            value = np.asarray(value)
+            if not (isinstance(buf, np.ndarray) and buf.shape == value.shape and buf.dtype == value.dtype):
+                buf = np.empty_like(value, order="C")
+            np.copyto(buf, value)
+        self._buffers[entry.name] = buf
+        return buf
+
+    def start(self, step: int, write: Callable[[], None], on_failure: Callable[[BaseException], None]) -> None:
+        """Run ``write()`` in the background; a failure is logged, told to ``on_failure`` and kept for ``join``."""
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
+                log.error("autockpt: background save of step %d failed: %r", step, e)
+                on_failure(e)
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"autockpt-save-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the in-flight write finished (its error, if any, stays for ``join``)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def join(self) -> None:
+        """Block until the in-flight write finished; raise its error if it failed."""
+        self.wait()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def _sync_devices() -> None:
+    """Wait for the non-blocking device-to-host copies of a snapshot to land."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

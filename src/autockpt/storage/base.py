@@ -1,0 +1,242 @@
+"""The ``Storage`` interface: everything autockpt asks of the place checkpoints live, and the shared parts.
+
+One job: say what a storage must do (list checkpoints, read and write small files, open payload files for
+reading and writing, commit, remove our files, sizes, existence), so that nothing above this package needs to
+know whether it talks to a local disk or an object store. A new kind of storage (a tiered one, a
+content-addressed one) is a new subclass. Imports only ``autockpt.errors`` and the package's own modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TypeVar
+
+import xxhash
+
+from autockpt.errors import CorruptCheckpointError
+from autockpt.storage.names import MANIFEST_NAME, step_dirname
+
+log = logging.getLogger("autockpt")
+T = TypeVar("T")
+_CHUNK = 4 * 2**20
+
+
+@dataclass
+class Listing:
+    """What a scan of the checkpoint directory found."""
+
+    committed: dict[int, str] = field(default_factory=dict)  # step -> dir name, manifest present
+    uncommitted: list[str] = field(default_factory=list)  # step dirs without a manifest (object stores)
+    temporary: list[str] = field(default_factory=list)  # our temporary / being-deleted dirs
+
+
+class PayloadFile:
+    """One payload file opened for reading: a file descriptor on local disks, the downloaded bytes elsewhere."""
+
+    def __init__(self, path: str, size: int, fd: int | None = None, buf: bytearray | None = None) -> None:
+        self.path = path
+        self.size = size
+        self._fd = fd
+        self._buf = buf
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the file's bytes from ``offset``."""
+        if self._buf is not None:
+            view[:] = memoryview(self._buf)[offset : offset + len(view)]
+            return
+        assert self._fd is not None
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
+            got += n
+
+    def read(self, offset: int, n: int) -> bytes:
+        out = bytearray(n)
+        self.read_into(offset, memoryview(out))
+        return bytes(out)
+
+    def checksum(self) -> str:
+        """The xxh3-64 of the whole file, streamed in chunks (no copy of the file is held)."""
+        if self._buf is not None:
+            return xxhash.xxh3_64_hexdigest(self._buf)
+        h = xxhash.xxh3_64()
+        chunk = bytearray(min(_CHUNK, max(self.size, 1)))
+        view = memoryview(chunk)
+        pos = 0
+        while pos < self.size:
+            n = min(len(chunk), self.size - pos)
+            self.read_into(pos, view[:n])
+            h.update(view[:n])
+            pos += n
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._buf = None
+
+
+class Storage(ABC):
+    """One checkpoint directory. Get one with :func:`autockpt.storage.open_storage`.
+
+    ```python
+    from autockpt.storage import open_storage
+    storage = open_storage("memory://storage_demo")
+    storage.write_small("hello.json", b"{}")
+    assert storage.read_small("hello.json") == b"{}"
+    assert storage.scan().committed == {}
+    ```
+    """
+
+    url: str
+    root: str
+    fs: Any  # the fsspec filesystem, for tests and tools; autockpt's own modules use the methods below
+    atomic_rename: bool  # the capability the commit protocol rests on; only this package branches on it
+
+    # ------------------------------------------------------------------------------------------ paths
+    @abstractmethod
+    def path(self, *parts: str) -> str:
+        """The full path of ``parts`` under the root (for messages and for the methods below)."""
+
+    @abstractmethod
+    def join(self, directory: str, name: str) -> str:
+        """The path of ``name`` inside ``directory`` (a path this storage gave)."""
+
+    # ------------------------------------------------------------------------------------------ listing
+    @abstractmethod
+    def scan(self) -> Listing:
+        """The committed checkpoints and our leftovers, as of now (no cache)."""
+
+    @abstractmethod
+    def root_exists(self) -> bool:
+        """Whether the checkpoint directory exists (as of now)."""
+
+    # ------------------------------------------------------------------------------------------ small files
+    @abstractmethod
+    def read_small(self, name: str, limit: int = 65536) -> bytes:
+        """The bytes of a small file directly under the root (a lease, a probe); FileNotFoundError if none."""
+
+    @abstractmethod
+    def write_small(self, name: str, data: bytes) -> None:
+        """Replace a small file directly under the root, as atomically as the storage can."""
+
+    @abstractmethod
+    def remove_small(self, name: str) -> None:
+        """Remove a small file directly under the root; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether a file directly under the root exists, as of now (no cache)."""
+
+    @abstractmethod
+    def ensure_root(self) -> None:
+        """Create the checkpoint directory if the storage has directories."""
+
+    # ------------------------------------------------------------------------------------------ reading
+    @abstractmethod
+    def read_manifest(self, step: int) -> bytes:
+        """The raw manifest of a committed step; CheckpointNotFoundError if there is none."""
+
+    @abstractmethod
+    def open_payload(self, step: int, name: str, size: int) -> PayloadFile:
+        """A payload file of ``step`` to read; CorruptCheckpointError if missing, not ours or not ``size`` bytes."""
+
+    @abstractmethod
+    def file_size(self, step: int, name: str) -> int:
+        """The size of a file of ``step``, without reading it; FileNotFoundError if missing."""
+
+    # ------------------------------------------------------------------------------------------ writing
+    @abstractmethod
+    def begin_checkpoint(self, step: int) -> str:
+        """Create the directory the files of ``step`` are written into; returns its path."""
+
+    @abstractmethod
+    def open_for_write(self, path: str) -> AbstractContextManager[BinaryIO]:
+        """A file to write at ``path``; durable once the ``with`` block exits without error."""
+
+    @abstractmethod
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``, retried on transient errors where the storage has them."""
+
+    @abstractmethod
+    def finish_checkpoint(self, directory: str, step: int) -> None:
+        """Make ``directory`` (whose manifest is written) the committed checkpoint of ``step``."""
+
+    @contextmanager
+    def writer(self, step: int) -> Iterator[CheckpointWriter]:
+        """Write one checkpoint; ``commit()`` must be called inside. On any error the partial files go."""
+        w = CheckpointWriter(self, step)
+        try:
+            yield w
+        except BaseException:
+            w.abort()
+            raise
+        if not w.committed:
+            w.abort()
+
+    # ------------------------------------------------------------------------------------------ deleting
+    @abstractmethod
+    def remove_our_files(self, dirpath: str) -> None:
+        """Delete the files autockpt writes inside ``dirpath`` (manifest first), then the directory if empty."""
+
+    @abstractmethod
+    def delete(self, step: int) -> None:
+        """Uncommit, then remove, one checkpoint."""
+
+    def cleanup(self, listing: Listing) -> None:
+        """Remove temporary directories and uncommitted step directories left by a crash."""
+        for name in listing.temporary + listing.uncommitted:
+            log.info("autockpt: removing leftover %s from an interrupted save", self.path(name))
+            self.remove_our_files(self.path(name))
+
+
+class CheckpointWriter:
+    """Files of one checkpoint being written; see :meth:`Storage.writer`."""
+
+    def __init__(self, storage: Storage, step: int) -> None:
+        self.storage = storage
+        self.step = step
+        self.final = storage.path(step_dirname(step))
+        self.committed = False
+        self.dir = storage.begin_checkpoint(step)
+
+    @classmethod
+    def attach(cls, storage: Storage, directory: str) -> CheckpointWriter:
+        """A writer of files into a checkpoint directory that another process created (and will commit)."""
+        w = cls.__new__(cls)
+        w.storage, w.step, w.final, w.dir, w.committed = storage, -1, directory, directory, False
+        return w
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[BinaryIO]:
+        """A file to write; durable (fsynced) once the ``with`` block exits without error."""
+        with self.storage.open_for_write(self.storage.join(self.dir, name)) as f:
+            yield f
+
+    def write_file(self, name: str, write: Callable[[BinaryIO], T]) -> T:
+        """Write one whole file with ``write(f)``; on object stores a transient failure writes it again."""
+        def attempt() -> T:
+            with self.open(name) as f:
+                return write(f)
+
+        return self.storage.retrying(attempt, f"writing {self.dir}/{name}")
+
+    def commit(self, manifest: bytes) -> None:
+        """Write the manifest and make the checkpoint visible, atomically where the filesystem can."""
+        self.write_file(MANIFEST_NAME, lambda f: f.write(manifest))
+        self.storage.finish_checkpoint(self.dir, self.step)
+        self.committed = True
+
+    def abort(self) -> None:
+        try:
+            self.storage.remove_our_files(self.dir)
+        except Exception as e:  # the original error matters more; leftovers are cleaned at the next start
+            log.warning("autockpt could not remove partial checkpoint %s: %s", self.dir, e)

@@ -1,0 +1,186 @@
+"""``ObjectStoreStorage``: checkpoints on any other fsspec filesystem (s3://, gs://, memory://), manifest last.
+
+One job: the object-store commit protocol. Such stores may copy on rename, so the payload is written in place
+and ``manifest.json`` last: its presence, with matching sizes and checksums, is the commit. Transient errors are
+retried with bounded backoff. Imports ``autockpt.errors`` and the package's own modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, TypeVar
+
+from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from autockpt.storage.base import Listing, PayloadFile, Storage
+from autockpt.storage.names import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    STEP_RE,
+    TMP_RE,
+    step_dirname,
+    valid_file_name,
+)
+from autockpt.storage.retry import retry
+
+log = logging.getLogger("autockpt")
+T = TypeVar("T")
+
+
+class ObjectStoreStorage(Storage):
+    """One checkpoint directory (a prefix) on an fsspec filesystem without an atomic rename."""
+
+    atomic_rename = False
+
+    def __init__(self, url: str, root: str, fs: Any) -> None:
+        self.url, self.root, self.fs = url, root, fs
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def join(self, directory: str, name: str) -> str:
+        return posixpath.join(directory, name)
+
+    # ------------------------------------------------------------------------------------------ listing
+    def _names(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)  # another process may have written since we last listed
+        try:
+            listed = retry(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}")
+            return [posixpath.basename(p.rstrip("/")) for p in listed]
+        except FileNotFoundError:
+            return []
+
+    def scan(self) -> Listing:
+        listing = Listing()
+        names = self._names()
+        manifests: set[str] = set()
+        if any(STEP_RE.match(n) for n in names):
+            try:
+                found = retry(lambda: self.fs.glob(posixpath.join(self.root, "step_*", MANIFEST_NAME)),
+                              f"listing {self.url}")
+            except FileNotFoundError:
+                found = []
+            manifests = {posixpath.basename(posixpath.dirname(p)) for p in found}
+        for name in names:
+            m = STEP_RE.match(name)
+            if m:
+                if name in manifests:
+                    listing.committed[int(m.group(1))] = name
+                else:
+                    listing.uncommitted.append(name)
+            elif TMP_RE.match(name):
+                listing.temporary.append(name)
+        return listing
+
+    def root_exists(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.isdir(self.root))
+
+    # ------------------------------------------------------------------------------------------ small files
+    def read_small(self, name: str, limit: int = 65536) -> bytes:
+        return bytes(self.fs.cat_file(self.path(name)))
+
+    def write_small(self, name: str, data: bytes) -> None:
+        self.fs.pipe_file(self.path(name), data)
+
+    def remove_small(self, name: str) -> None:
+        self.fs.rm_file(self.path(name))
+
+    def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.exists(self.path(name)))
+
+    def ensure_root(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def read_manifest(self, step: int) -> bytes:
+        path = self.path(step_dirname(step), MANIFEST_NAME)
+        try:
+            size = retry(lambda: self.fs.size(path), f"reading {path}")
+            if size is not None and size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(f"{path}: manifest of {size} bytes exceeds the limit")
+            return bytes(retry(lambda: self.fs.cat_file(path), f"reading {path}"))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"no committed checkpoint at step {step} in {self.url}") from None
+
+    def open_payload(self, step: int, name: str, size: int) -> PayloadFile:
+        if not valid_file_name(name):
+            raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
+        path = self.path(step_dirname(step), name)
+        box: list[bytearray] = []
+
+        def download() -> int:
+            with self.fs.open(path, "rb") as f:
+                if f.size == size:
+                    buf = bytearray(size)
+                    _fill(f, memoryview(buf), path)
+                    box[:] = [buf]
+                return int(f.size)
+
+        try:
+            actual = retry(download, f"reading {path}")
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: payload file is missing") from None
+        if actual != size:
+            raise CorruptCheckpointError(f"{path}: {actual} bytes, the manifest says {size}")
+        return PayloadFile(path, size, buf=box[0])
+
+    def file_size(self, step: int, name: str) -> int:
+        return int(self.fs.size(self.path(step_dirname(step), name)))
+
+    # ------------------------------------------------------------------------------------------ writing
+    def begin_checkpoint(self, step: int) -> str:
+        directory = self.path(step_dirname(step))
+        retry(lambda: self.fs.makedirs(directory, exist_ok=True), f"creating {directory}")
+        manifest = posixpath.join(directory, MANIFEST_NAME)
+        if retry(lambda: self.fs.exists(manifest), f"checking {manifest}"):  # replacing a damaged one
+            retry(lambda: self.fs.rm_file(manifest), f"removing {manifest}")
+        return directory
+
+    @contextmanager
+    def open_for_write(self, path: str) -> Iterator[BinaryIO]:
+        with self.fs.open(path, "wb") as f:
+            yield f
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        return retry(fn, what)
+
+    def finish_checkpoint(self, directory: str, step: int) -> None:
+        return None  # the manifest, written last, is the commit
+
+    # ------------------------------------------------------------------------------------------ deleting
+    def remove_our_files(self, dirpath: str) -> None:
+        try:
+            self.fs.invalidate_cache(dirpath)
+            listed = retry(lambda: self.fs.ls(dirpath, detail=False), f"listing {dirpath}")
+            names = [posixpath.basename(p) for p in listed]
+        except FileNotFoundError:
+            return
+        if MANIFEST_NAME in names:
+            retry(lambda: self.fs.rm_file(posixpath.join(dirpath, MANIFEST_NAME)), f"deleting {dirpath}")
+        ours = [posixpath.join(dirpath, n) for n in names if valid_file_name(n)]
+        if ours:
+            retry(lambda: self.fs.rm(ours), f"deleting {dirpath}")
+        if len(ours) + (MANIFEST_NAME in names) < len(names):
+            log.warning("autockpt left %s in place: it holds files autockpt did not write", dirpath)
+            return
+        try:
+            if self.fs.isdir(dirpath):
+                self.fs.rmdir(dirpath)
+        except (FileNotFoundError, OSError, NotImplementedError):
+            pass
+
+    def delete(self, step: int) -> None:
+        self.remove_our_files(self.path(step_dirname(step)))
+
+
+def _fill(f: Any, view: memoryview, path: str) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CorruptCheckpointError(f"{path}: ended after {got} of {len(view)} bytes")
+        got += n
