@@ -12,7 +12,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing torch 2.13.0 (CPU), then autockpt with its extras: keras, lightning, transformers (with peft," \
          "accelerate), s3fs," \
-         "and the test tools (pytest, hypothesis, moto[server], ruff, mypy, import-linter); a few minutes the first time"
+         "and the test tools (pytest, pytest-xdist, hypothesis, moto[server], ruff, mypy, import-linter); a few minutes the first time"
     # torch==2.13.0 is pinned: the CPU build lies on this machine's disk; an unpinned torch pulls CUDA.
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[torch,keras,lightning,transformers,s3,dev]" 2>&1 \

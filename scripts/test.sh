@@ -7,4 +7,6 @@ export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
 .venv/bin/ruff check src tests examples benchmarks
 .venv/bin/mypy
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers: most tests wait on subprocesses, fsync and sockets, so two at a time fit two cores.
+# AUTOCKPT_TEST_WORKERS=0 runs them in one process.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${AUTOCKPT_TEST_WORKERS:-2}" "$@"
