@@ -397,11 +397,12 @@ class CheckpointManager:
     def durability(self, step: int, timeout: float | None = None) -> str:
         """Wait up to ``timeout`` (default ``upload_deadline_s``) for ``step`` to be durable; where it is, for a
         log line: the directory, or the local dir and whether the upload finished."""
+        self._join()
         if self.options.local_dir is None:
             return self.directory
         t0 = time.monotonic()
         try:
-            done = self.wait_until_finished(self.upload_deadline_s if timeout is None else timeout)
+            done = self.storage.wait_uploads(self.upload_deadline_s if timeout is None else timeout)
         except SaveError as e:
             done, why = False, f"the upload failed: {e}"
         else:

@@ -72,7 +72,7 @@ class TieredStorage(Storage):
         self.local_max_to_keep = local_max_to_keep
         self._check_binding()
         self._lock = threading.Condition()
-        self._durable: set[int] = set(remote.scan().committed)  # this process is the only writer (the lease)
+        self._durable: set[int] = self._remote_steps()  # then kept up to date: one writer (the lease)
         self._pending: set[int] = set()  # committed locally, to upload
         self._uploading: int | None = None
         self._remote_deletes: set[int] = set()
@@ -82,6 +82,14 @@ class TieredStorage(Storage):
         self._stop = False
         self._thread: threading.Thread | None = None
         self._retry_at = 0.0
+
+    def _remote_steps(self) -> set[int]:
+        try:
+            return set(self.remote.scan().committed)
+        except Exception as e:  # unreachable: the local tier still works; uploads retry later
+            log.warning("autockpt: cannot list %s (%r); only the local copies in %s are known", self.remote.url, e,
+                        self.local.url)
+            return set()
 
     # ------------------------------------------------------------------------------------------ binding
     def _check_binding(self) -> None:
@@ -110,14 +118,15 @@ class TieredStorage(Storage):
         with self._lock:
             return max(self._durable, default=None)
 
-    def where(self) -> dict[int, str]:
-        """For each step: ``local``, ``remote``, ``both`` or ``uploading`` (local, upload queued or running)."""
+    def where(self, uploading: bool = False) -> dict[int, str]:
+        """For each step: ``local``, ``remote``, ``both`` or ``uploading`` (local only, and this process or,
+        with ``uploading``, the run's live writer uploads it)."""
         local = set(self.local.scan().committed)
         with self._lock:
             durable = set(self._durable)
         out = {s: "both" if s in durable else "uploading" for s in local}
         out.update({s: "remote" for s in durable - local})
-        if not self._thread:  # a reader: a local-only step is not being uploaded by us
+        if not self._thread and not uploading:  # a reader: a local-only step is not being uploaded
             out.update({s: "local" for s in local - durable})
         return dict(sorted(out.items()))
 
@@ -213,10 +222,14 @@ class TieredStorage(Storage):
     def cleanup(self, listing: Listing) -> None:
         """Leftovers of a crash on both tiers (a partial upload included); the local-only steps are queued."""
         self.local.cleanup(self.local.scan())
-        self.remote.cleanup(self.remote.scan())
+        try:
+            self.remote.cleanup(self.remote.scan())
+        except Exception as e:  # the remote is down: its leftovers go next time
+            log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
         backlog = set(self.local.scan().committed)
+        durable = self._remote_steps()
         with self._lock:
-            self._durable = set(self.remote.scan().committed)
+            self._durable = durable
             self._pending |= backlog - self._durable
             if self._pending:
                 log.info("autockpt: resuming the upload of step(s) %s from %s to %s", sorted(self._pending),
