@@ -96,6 +96,9 @@ class CheckpointManager:
         for step in range(start + 1, start + 11):
             opt.zero_grad(); model(torch.randn(8, 4)).sum().backward(); opt.step()
             mgr.save(step, {"model": model, "opt": opt}, metrics={"loss": 0.1})
+    with autockpt.CheckpointManager("memory://tiers_demo/run", local_dir="/tmp/tiers_demo") as mgr:
+        mgr.save(1, {"model": model})               # committed locally, uploaded in the background
+        assert mgr.wait_until_finished(timeout=30) and mgr.durable_step == 1
     ```
     """
 
@@ -128,6 +131,7 @@ class CheckpointManager:
                 "or pass distributed=False and save from one rank"
             )
         self.upload_deadline_s = upload_deadline_s
+        self._stopping = False  # durability() was called: the process is about to exit; close() waits no more
         self.policy = self.options.policy
         self.progress = progress
         self.max_consecutive_failures = max_consecutive_failures
@@ -400,6 +404,7 @@ class CheckpointManager:
         self._join()
         if self.options.local_dir is None:
             return self.directory
+        self._stopping = True
         t0 = time.monotonic()
         try:
             done = self.storage.wait_uploads(self.upload_deadline_s if timeout is None else timeout)
@@ -420,7 +425,8 @@ class CheckpointManager:
         self._closed = True
         try:
             self._join()
-            self.storage.wait_uploads()
+            if not self._stopping:  # preempted: durability() waited up to upload_deadline_s already
+                self.storage.wait_uploads()
         finally:
             self.storage.close()
             self._lease.release()
