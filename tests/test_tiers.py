@@ -318,3 +318,14 @@ def test_cli_sync_uploads_a_backlog_and_ls_shows_where(s3_url: tuple[str, dict[s
     assert local_steps(local) == [2, 3]  # durable now: the local tier keeps its local_max_to_keep=2 newest
     assert main(["ls", url, "--local-dir", str(local), *flags]) == 0
     assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]] == ["remote", "both", "both"]
+
+
+def test_local_dir_under_torch_distributed_is_refused_for_now(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    try:
+        with pytest.raises(InvalidArgumentError, match="local_dir is not supported under torch.distributed"):
+            autockpt.CheckpointManager(tmp_path / "r", local_dir=tmp_path / "l")
+    finally:
+        dist.destroy_process_group()
