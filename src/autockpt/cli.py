@@ -41,11 +41,12 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
+from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions
 from autockpt.progress import format_bytes
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, open_storage, step_dirname
+from autockpt.storage import Storage, TieredStorage, open_storage, step_dirname
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -151,7 +152,7 @@ def _open_storage(args: argparse.Namespace, url: str | None = None) -> Storage:
     url = url if url is not None else args.url
     opts = storage_options_from(args.storage_option, args.storage_options)
     try:
-        storage = open_storage(url, opts)
+        storage = open_storage(url, opts, getattr(args, "local_dir", None))
     except (ValueError, ImportError, TypeError) as e:
         raise CliError(f"cannot open {url!r}: {e}") from None
     if not storage.root_exists():
@@ -251,11 +252,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         args.max_to_keep = 1
     reasons = _policy(args).reasons(infos)
     rows = [["STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS", "KEPT"]]
+    tiers: dict[int, str] = {}
+    if isinstance(storage, TieredStorage):  # --local-dir: where each step is
+        lease = WriterLease(storage)
+        tiers = storage.where(uploading=lease.live_other(lease.read()))
+        rows[0].append("WHERE")
     bad = False
     for step in steps:
         m = manifests[step]
         if isinstance(m, Exception):
-            rows.append([str(step), "?", "?", "-", f"DAMAGED: {m}", "-"])
+            rows.append([str(step), "?", "?", "-", f"DAMAGED: {m}", "-"] + ([tiers.get(step, "?")] if tiers else []))
             bad = True
             continue
         if args.verify:
@@ -270,13 +276,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
             bad = bad or problem is not None
         kept = ",".join(reasons.get(step, [])) or ("prunable" if explicit else "-")
         rows.append([str(step), _fmt_time(m.get("created")), format_bytes(_payload_size(m)),
-                     _fmt_metrics(m.get("metrics")), status, kept])
+                     _fmt_metrics(m.get("metrics")), status, kept] + ([tiers.get(step, "?")] if tiers else []))
+    more = ["-"] if tiers else []
     for name in sorted(listing.uncommitted):
         rows.append([_leftover_step(name), "-", "-", "-", f"uncommitted: {name} has no manifest (an interrupted save)",
-                     "-"])
+                     "-", *more])
     for name in sorted(listing.temporary):
         kind = "being deleted" if name.startswith(".tmp-del-") else "an interrupted save, or one in progress"
-        rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-"])
+        rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-", *more])
     if len(rows) == 1:
         print(f"no checkpoints in {storage.url}")
         return EXIT_OK
@@ -285,6 +292,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ show
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    opts = storage_options_from(args.storage_option, args.storage_options)
+    if not os.path.isdir(args.local_dir):
+        raise CliError(f"no local directory at {args.local_dir}")
+    storage = open_storage(args.remote_url, opts, args.local_dir)
+    assert isinstance(storage, TieredStorage)
+    lease = WriterLease(storage)
+    lease.acquire()  # the only writer of the remote meanwhile: a running job would be refused, and vice versa
+    try:
+        storage.cleanup(storage.scan())  # queues every local step the remote lacks
+        backlog = sorted(set(storage.local.scan().committed) - set(storage.remote.scan().committed))
+        storage.wait_uploads()
+    finally:
+        storage.close()
+        lease.release()
+    print(f"uploaded {len(backlog)} checkpoint(s) to {args.remote_url}: steps {backlog}" if backlog
+          else f"nothing to upload: {args.remote_url} holds every checkpoint of {args.local_dir}")
+    return EXIT_OK
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -562,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the K newest are marked 'newest' (default 1); with any retention option, the "
                         "checkpoints the policy would delete are marked 'prunable'")
     s.add_argument("--verify", action="store_true", help="read every checkpoint and check its checksums")
+    s.add_argument("--local-dir", default=None, metavar="DIR",
+                   help="the run's local tier: also list its copies and show where each step is "
+                        "(local, remote, both, uploading)")
     s.set_defaults(func=cmd_ls)
 
     s = sub.add_parser("show", parents=[common], help="one checkpoint's manifest in human form")
@@ -610,6 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a .pt/.ckpt file (runs code from the file: only for files you trust)")
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("sync", parents=[common], help="upload the checkpoints a local tier holds to its remote",
+                       description="Upload every checkpoint of LOCAL_DIR (a run's local_dir) that REMOTE_URL lacks, "
+                                   "with the remote commit protocol (for a job that will not restart).")
+    s.add_argument("local_dir")
+    s.add_argument("remote_url")
+    s.set_defaults(func=cmd_sync)
     return p
 
 

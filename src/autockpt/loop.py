@@ -331,12 +331,12 @@ class Run:
             self._saved_step = self.step
         return written
 
-    def _say_stopping(self, written: bool) -> None:
+    def _say_stopping(self, written: bool, where: str | None = None) -> None:
         name = signal.Signals(self._watcher.received).name if self._watcher.received else "SIGTERM"
         directory, code = self.manager.directory, self.exit_code
         if written:
-            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self.step, directory,
-                        code)
+            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self.step,
+                        where or directory, code)
         elif self._saved_step == self.step:
             log.warning("autockpt: %s: no step completed since step %d (the newest checkpoint in %s); stopping "
                         "(exit code %d)", name, self.step, directory, code)
@@ -347,9 +347,9 @@ class Run:
     def _stop(self) -> None:
         """Preempted: save the step (unless it has a checkpoint), say so, and stop."""
         written = self._save(force=True)
-        self.manager.wait_until_finished()
+        where = self.manager.durability(self.step)  # with local_dir: its upload, up to upload_deadline_s
         self.preempted = True
-        self._say_stopping(written)
+        self._say_stopping(written, where)
         self._leave()
 
     def _finish(self) -> None:
@@ -455,7 +455,8 @@ def resume(
         signals: the signals that mean "preempted: save and stop" (default SIGTERM and SIGUSR1).
         catch_sigint: treat the first Ctrl-C the same way (a second one interrupts at once).
         **manager_options: passed to :class:`~autockpt.CheckpointManager`: ``max_to_keep``, ``keep_best``,
-            ``keep_every_n_hours``, ``async_save``, ``storage_options``.
+            ``keep_every_n_hours``, ``async_save``, ``storage_options``, ``local_dir``, ``local_max_to_keep``,
+            ``upload_deadline_s`` (a fast local tier in front of ``directory``: README "Preemptible machines").
 
     ```python
     import torch, autockpt

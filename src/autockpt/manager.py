@@ -12,13 +12,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from autockpt import fit
-from autockpt.coordination import coordinator_for
+from autockpt.coordination import coordinator_for, process_group_initialized
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -38,9 +38,10 @@ from autockpt.progress import ProgressReporter
 from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
-from autockpt.storage import open_storage, step_dirname, transient
+from autockpt.storage import Storage, open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
+T = TypeVar("T")
 
 
 class CheckpointManager:
@@ -68,6 +69,15 @@ class CheckpointManager:
             manager is collective: create it and call ``save``/``restore``/``latest_step`` on every rank.
             ``False`` keeps it local to this process even under a process group (for code that saves from
             one rank and coordinates the ranks itself).
+        local_dir: a fast local directory (node-local NVMe) in front of ``directory``: ``save()`` commits
+            there at local speed and a background thread uploads each checkpoint to ``directory``, the durable
+            tier and the one retention is computed on. ``durable_step`` is the newest uploaded step. Restore
+            reads the local copy when it verifies, else the remote one. See README "Preemptible machines".
+        local_max_to_keep: how many of the newest checkpoints stay in ``local_dir``; steps not yet uploaded
+            stay too (until uploaded or pruned by the retention policy).
+        upload_deadline_s: on preemption, how long to wait for the final checkpoint to become durable. 20 s
+            fits the shortest common notice: GCP and Azure spot VMs and a Kubernetes pod's default grace
+            period give 30 s after SIGTERM (AWS spot gives 120 s), leaving time for the local save and exit.
 
     Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
     heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
@@ -86,6 +96,9 @@ class CheckpointManager:
         for step in range(start + 1, start + 11):
             opt.zero_grad(); model(torch.randn(8, 4)).sum().backward(); opt.step()
             mgr.save(step, {"model": model, "opt": opt}, metrics={"loss": 0.1})
+    with autockpt.CheckpointManager("memory://tiers_demo/run", local_dir="/tmp/tiers_demo") as mgr:
+        mgr.save(1, {"model": model})               # committed locally, uploaded in the background
+        assert mgr.wait_until_finished(timeout=30) and mgr.durable_step == 1
     ```
     """
 
@@ -102,12 +115,23 @@ class CheckpointManager:
         max_consecutive_failures: int = 3,
         progress: bool = False,
         distributed: bool | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_max_to_keep: int = 2,
+        upload_deadline_s: float = 20.0,
     ) -> None:
         check_directory(directory)
         self.options = ManagerOptions(
             max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
-            storage_options, max_consecutive_failures, progress, distributed,
+            storage_options, max_consecutive_failures, progress, distributed, local_dir, local_max_to_keep,
+            upload_deadline_s,
         )
+        if local_dir is not None and distributed is not False and process_group_initialized():
+            raise InvalidArgumentError(
+                "local_dir is not supported under torch.distributed yet: save to the shared directory directly, "
+                "or pass distributed=False and save from one rank"
+            )
+        self.upload_deadline_s = upload_deadline_s
+        self._stopping = False  # durability() was called: the process is about to exit; close() waits no more
         self.policy = self.options.policy
         self.progress = progress
         self.max_consecutive_failures = max_consecutive_failures
@@ -115,7 +139,7 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.async_save = async_save
-        self.storage = open_storage(directory, dict(storage_options or {}))
+        self.storage = open_storage(directory, dict(storage_options or {}), local_dir, local_max_to_keep)
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
@@ -141,7 +165,27 @@ class CheckpointManager:
         return self._manifests[step]
 
     def _check_files(self, step: int) -> None:
-        check_sizes(self.storage, step, self._manifest(step))
+        self._from_a_copy(step, lambda storage: check_sizes(storage, step, read_manifest(storage, step)))
+
+    def _from_a_copy(self, step: int, use: Callable[[Storage], T]) -> T:
+        """``use(copy)`` on the first copy of ``step`` that verifies (a tiered storage has a local and a remote
+        one); a damaged copy is skipped with a warning; the last one's error is raised."""
+        copies = self.storage.copies(step)
+        for i, copy in enumerate(copies):
+            try:
+                return use(copy)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if i == len(copies) - 1:
+                    raise
+                log.warning("autockpt: the copy of %s in %s does not verify (%s); using the one in %s",
+                            step_dirname(step), copy.url, e, copies[i + 1].url)
+        raise AssertionError("unreachable")
+
+    @property
+    def durable_step(self) -> int | None:
+        """The newest step committed on the durable tier: ``directory`` (with ``local_dir``, uploaded there)."""
+        self._wait()
+        return self.storage.durable_step
 
     @property
     def latest_step(self) -> int | None:
@@ -347,18 +391,44 @@ class CheckpointManager:
     def _join(self) -> None:
         self._background.join()
 
-    def wait_until_finished(self) -> None:
-        """Block until the in-flight background save committed; raise its error if it failed."""
+    def wait_until_finished(self, timeout: float | None = None) -> bool:
+        """Block until the in-flight background save committed and (with ``local_dir``) every checkpoint is
+        uploaded; False if ``timeout`` seconds passed first. Raises the background save's error if it failed,
+        and ``SaveError`` if uploads failed repeatedly (the local copies are kept)."""
         self._join()
+        return self.storage.wait_uploads(timeout)
+
+    def durability(self, step: int, timeout: float | None = None) -> str:
+        """Wait up to ``timeout`` (default ``upload_deadline_s``) for ``step`` to be durable; where it is, for a
+        log line: the directory, or the local dir and whether the upload finished."""
+        self._join()
+        if self.options.local_dir is None:
+            return self.directory
+        self._stopping = True
+        t0 = time.monotonic()
+        try:
+            done = self.storage.wait_uploads(self.upload_deadline_s if timeout is None else timeout)
+        except SaveError as e:
+            done, why = False, f"the upload failed: {e}"
+        else:
+            why = f"the upload did not finish within {self.upload_deadline_s:g} s"
+        local = os.fspath(self.options.local_dir)
+        if done and self.storage.durable_step == step:
+            return f"{local} (durable on {self.directory} after {time.monotonic() - t0:.1f} s)"
+        return (f"{local} (NOT durable: {why}; it uploads at the next start, or run: autockpt sync {local} "
+                f"{self.directory})")
 
     def close(self) -> None:
-        """Finish the in-flight save (raising its error, if any). Idempotent."""
+        """Finish the in-flight save and the uploads (raising an error, if any). Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             self._join()
+            if not self._stopping:  # preempted: durability() waited up to upload_deadline_s already
+                self.storage.wait_uploads()
         finally:
+            self.storage.close()
             self._lease.release()
 
     def __enter__(self) -> CheckpointManager:
@@ -396,7 +466,7 @@ class CheckpointManager:
             steps = sorted(committed, reverse=True)
         t0 = time.perf_counter()
         def verify(s: int) -> Checkpoint:
-            return self._coord.run_raising_everywhere(open_checkpoint, self.storage, s)
+            return self._coord.run_raising_everywhere(self._from_a_copy, s, lambda c: open_checkpoint(c, s))
 
         found = newest_that_verifies(steps, verify, strict=step is not None)
         if found is None:

@@ -64,6 +64,9 @@ class ManagerOptions:
     max_consecutive_failures: int = 3
     progress: bool = False
     distributed: bool | None = None
+    local_dir: str | os.PathLike[str] | None = None
+    local_max_to_keep: int = 2
+    upload_deadline_s: float = 20.0
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,15 @@ class ManagerOptions:
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"
             )
+
+        if self.local_dir is not None:
+            check_directory(self.local_dir)
+        check_positive("local_max_to_keep", self.local_max_to_keep, int)
+        if self.local_max_to_keep is None:
+            raise InvalidArgumentError("local_max_to_keep must be a positive int, got None")
+        check_positive("upload_deadline_s", self.upload_deadline_s, float)
+        if self.upload_deadline_s is None:
+            raise InvalidArgumentError("upload_deadline_s must be a positive number of seconds, got None")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

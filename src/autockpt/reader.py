@@ -245,8 +245,8 @@ def newest_that_verifies(
     return None
 
 
-def load(url: str | os.PathLike[str], step: int | None = None, storage_options: Mapping[str, Any] | None = None
-         ) -> dict[str, Any]:
+def load(url: str | os.PathLike[str], step: int | None = None, storage_options: Mapping[str, Any] | None = None,
+         local_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Read a checkpoint without a model: the nested state as tensors, numpy arrays and Python values.
 
     Read-only: it never writes, cleans or prunes, so it is safe beside a running job. With ``step=None`` it
@@ -257,11 +257,19 @@ def load(url: str | os.PathLike[str], step: int | None = None, storage_options: 
     weights = state["model"]          # the model's state dict, as saved
     ```
     """
-    storage = open_storage(url, dict(storage_options or {}))
+    storage = open_storage(url, dict(storage_options or {}), local_dir)
     steps = [step] if step is not None else sorted(storage.scan().committed, reverse=True)
 
     def read_state(s: int) -> dict[str, Any]:
-        with open_checkpoint(storage, s) as ckpt:
+        copies = storage.copies(s)  # with local_dir: the local copy, then the remote one
+        for copy in copies[:-1]:
+            try:
+                with open_checkpoint(copy, s) as ckpt:
+                    return ckpt.state()
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                log.warning("autockpt: the copy of %s in %s does not verify (%s); reading %s", step_dirname(s),
+                            copy.url, e, copies[-1].url)
+        with open_checkpoint(copies[-1], s) as ckpt:
             return ckpt.state()
 
     found = newest_that_verifies(steps, read_state, strict=step is not None)

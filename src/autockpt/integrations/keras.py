@@ -302,6 +302,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         keep_best: how many best checkpoints to keep when ``monitor`` is set.
         async_save: write in a background thread (see ``CheckpointManager``).
         storage_options: passed to fsspec.
+        local_dir: a fast local tier in front of ``directory`` (see ``CheckpointManager``); on preemption the
+            final checkpoint's upload is awaited up to ``upload_deadline_s`` and the log line says if it is durable.
         signals: signals that save the newest completed batch and stop training (SIGTERM, SIGUSR1).
         exit_on_preemption: after such a signal stopped training and its checkpoint is committed, leave the
             process with ``SystemExit(128 + signal)`` (143 for SIGTERM) once ``fit`` has finished its
@@ -345,6 +347,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         storage_options: dict[str, Any] | None = None,
         signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_preemption: bool = True,
+        local_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
@@ -364,6 +367,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.manager = CheckpointManager(
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
             save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
+            local_dir=local_dir,
         )
         self.save_every_seconds = save_every_seconds
         self.restored_step: int | None = None
@@ -434,10 +438,10 @@ class AutoCheckpoint(keras.callbacks.Callback):
         name = signal.Signals(self.watcher.received).name if self.watcher.received else "signal"
         foreign_stop = self._stopped_mid_epoch and not self._preempted_mid_epoch
         saved = self._progress() != self._saved and not foreign_stop and self._save(logs)
-        self.manager.wait_until_finished()
+        durable = self.manager.durability(self._global)  # with local_dir: its upload, up to upload_deadline_s
         newest = "none" if self._newest is None else f"step {self._newest}"
         if saved:
-            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self._global, where,
+            log.warning("autockpt: %s: saved step %d to %s; stopping (exit code %d)", name, self._global, durable,
                         self.exit_code)
         elif self._progress() == self._saved and self._newest is None:
             log.warning("autockpt: %s: no step completed and %s holds no checkpoint; stopping (exit code %d)",

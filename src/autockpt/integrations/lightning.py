@@ -307,6 +307,8 @@ class AutoCheckpoint(_Base):
             (from ``trainer.callback_metrics``), lower is better with ``mode="min"``. A metric logged in
             validation is stored only with the checkpoint of the weights it was computed for.
         storage_options: passed to fsspec (credentials, endpoint URL, ...).
+        local_dir: a fast local tier in front of ``directory`` (see ``CheckpointManager``); on preemption the
+            final checkpoint's upload is awaited up to ``upload_deadline_s`` and the log line says if it is durable.
         preemption_signals: signals that mean "save and stop"; ``None`` turns it off.
         exit_on_preemption: after a signal stopped training and its checkpoint is committed, leave the process
             with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
@@ -351,6 +353,7 @@ class AutoCheckpoint(_Base):
         storage_options: dict[str, Any] | None = None,
         preemption_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
         exit_on_preemption: bool = True,
+        local_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -380,6 +383,7 @@ class AutoCheckpoint(_Base):
         self.every_n_epochs = every_n_epochs
         self.monitor = monitor
         self.storage_options = dict(storage_options or {})
+        self.local_dir = local_dir
         self.exit_on_preemption = exit_on_preemption
         self._watcher = _Watcher(preemption_signals) if preemption_signals is not None else None
         self.restored_step: int | None = None
@@ -426,7 +430,8 @@ class AutoCheckpoint(_Base):
             # only global rank 0 has a manager; this callback agrees with the other ranks itself
             self._manager = CheckpointManager(self.directory, self._policy.max_to_keep,
                                               self._policy.keep_every_n_hours, self._policy.keep_best,
-                                              storage_options=self.storage_options, distributed=False)
+                                              storage_options=self.storage_options, distributed=False,
+                                              local_dir=self.local_dir)
             step = self._manager.latest_step
         else:
             step = None
@@ -437,7 +442,7 @@ class AutoCheckpoint(_Base):
         if step is None:
             return
         try:
-            state = load(self.directory, step, storage_options=self.storage_options)
+            state = load(self.directory, step, storage_options=self.storage_options, local_dir=self.local_dir)
         except CheckpointNotFoundError:  # pragma: no cover - rank 0 just saw it
             raise
         ckpt = state.get(STATE_NAME)
@@ -574,7 +579,9 @@ class AutoCheckpoint(_Base):
                      f"{self.directory})" if self._last_saved_step is not None
                      else f"no step completed and there is no checkpoint in {self.directory}")
         else:
-            where = f"saved step {self._last_saved_step} to {self.directory}"
+            durable = (self._manager.durability(self._last_saved_step) if self._manager is not None
+                       else self.directory)
+            where = f"saved step {self._last_saved_step} to {durable}"
         if trainer.is_global_zero:
             log.warning("autockpt: %s: %s; stopping (exit code %d)", name, where, self.exit_code)
 

@@ -32,16 +32,26 @@ from autockpt.storage.names import (
 )
 from autockpt.storage.objectstore import ObjectStoreStorage
 from autockpt.storage.retry import RETRIES, retry, transient
+from autockpt.storage.tiered import TieredStorage
 
 
-def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
+def open_storage(
+    url: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    local_max_to_keep: int = 2,
+) -> Storage:
     """The storage of one checkpoint directory: local where the filesystem renames atomically, else object store.
 
     ```python
     from autockpt.storage import open_storage
     assert open_storage("/tmp/run").atomic_rename and not open_storage("memory://run").atomic_rename
     ```
+
+    With ``local_dir`` the result is a :class:`TieredStorage`: written to ``local_dir``, uploaded to ``url``.
     """
+    if local_dir is not None:
+        return TieredStorage(open_storage(local_dir), open_storage(url, storage_options), local_max_to_keep)
     url = os.fspath(url)
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/") or "/"
@@ -53,6 +63,6 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
 
 __all__ = [
     "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "CheckpointWriter", "Listing",
-    "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage", "open_storage", "retry", "step_dirname",
-    "transient", "valid_file_name",
+    "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage", "TieredStorage", "open_storage", "retry",
+    "step_dirname", "transient", "valid_file_name",
 ]

@@ -191,6 +191,24 @@ class Storage(ABC):
     def delete(self, step: int) -> None:
         """Uncommit, then remove, one checkpoint."""
 
+    # ------------------------------------------------------------------------------------------ tiers
+    def copies(self, step: int) -> list[Storage]:
+        """The storages holding ``step``, the one to read first first (a tiered storage has two)."""
+        return [self]
+
+    @property
+    def durable_step(self) -> int | None:
+        """The newest committed step on durable storage (here: every committed step is durable)."""
+        return max(self.scan().committed, default=None)
+
+    def wait_uploads(self, timeout: float | None = None) -> bool:
+        """Wait for background uploads (none here); False if ``timeout`` seconds passed first."""
+        return True
+
+    def close(self) -> None:
+        """Stop background work (none here)."""
+        return None  # noqa: B027 (optional to override)
+
     def cleanup(self, listing: Listing) -> None:
         """Remove temporary directories and uncommitted step directories left by a crash."""
         for name in listing.temporary + listing.uncommitted:
