@@ -61,17 +61,18 @@ class Net(pl.LightningModule):
                 f.write(f"LOSS {self.global_step} {float(loss).hex()}\n")
         return loss
 
+    def on_train_start(self) -> None:
+        if mode:  # after Lightning's DDP setup, which reseeds every rank alike (the callback restores later)
+            random.seed(1234 + 7 * self.global_rank)
+            np.random.seed(1234 + 7 * self.global_rank)
+            torch.manual_seed(1234 + 7 * self.global_rank)
+
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}
 
 
 pl.seed_everything(1234, workers=True)
-if mode:
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    random.seed(1234 + 7 * rank)
-    np.random.seed(1234 + 7 * rank)
-    torch.manual_seed(1234 + 7 * rank)
 n = 64
 gen = torch.Generator().manual_seed(0)
 data = TensorDataset(torch.arange(n), torch.randn(n, 8, generator=gen), torch.randn(n, 1, generator=gen))

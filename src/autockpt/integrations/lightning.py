@@ -489,6 +489,8 @@ class AutoCheckpoint(_Base):
         self._stop_at_start = self._agree(trainer)
         if self._seed is None:
             self._seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            if trainer.world_size > 1:  # rank 0's on every rank, as a resume will have it (ranks may seed apart)
+                self._seed = int(trainer.strategy.broadcast(self._seed, src=0))
         self._samplers = []
         unwrappable = []
         for dl in _flat_loaders(trainer.train_dataloader):
