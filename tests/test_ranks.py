@@ -208,15 +208,15 @@ def test_torchrun_two_nodes_preempted_on_one_node_resumes_bit_identically(
     """The multi-node path: SIGTERM to the worker of node 1 mid-epoch, then the same torchrun again."""
     out, ckpt = tmp_path / "out", tmp_path / "shared_ckpt"
     procs = torchrun_2_nodes(tmp_path, out, ckpt)
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + 2 * TIMEOUT
     while len(records(out, 0)) < 8 or not (out / "pid-1").exists():
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(out)
         time.sleep(0.02)
     os.kill(int((out / "pid-1").read_text()), signal.SIGTERM)
-    codes = wait(procs, out)
+    codes = wait(procs, out, 2 * TIMEOUT)
     assert all(c != 0 for c in codes), (codes, logs(out))  # the agents report the workers' exit code 143
     assert "autockpt: SIGTERM: saved step" in logs(out)
-    assert wait(torchrun_2_nodes(tmp_path, out, ckpt), out) == [0, 0], logs(out)
+    assert wait(torchrun_2_nodes(tmp_path, out, ckpt), out, 2 * TIMEOUT) == [0, 0], logs(out)
     for r in (0, 1):
         got = effective(out, r, 0)
         assert [got[s] for s in range(STEPS)] == reference["steps"][r], r
