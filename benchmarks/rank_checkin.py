@@ -5,6 +5,10 @@
 Every ``CheckpointManager.save`` (due or not) first checks in through the process group's store (bounded by
 ``rank_timeout``), then agrees on the step with an all-reduce. This times ``save`` of a step that is not due
 against a bare gloo all-reduce, the cost of the agreement before the bounded wait existed.
+
+On this project's shared 2-core machine (2 alternating rounds against the code before the check-in, noisy):
+``save`` of a step not due took a median 0.49 / 0.59 ms with the check-in and 0.74 / 0.59 ms without it: below
+a millisecond per step either way.
 """
 
 from __future__ import annotations
