@@ -60,3 +60,21 @@ def test_v1_checkpoint_loads_without_a_model(name: str) -> None:
     assert loaded["model"]["bias"].tolist() == exp["bias"]
     assert loaded["plain"]["ints"] == {3: "three"}
     assert loaded["arr"].tolist() == exp["arr"]
+
+
+def test_v1_rng_restores_into_a_per_rank_target(tmp_path: Path) -> None:
+    """A checkpoint with one plain RNGState (before autockpt.PerRank) restores into a PerRank target."""
+    exp = EXPECTED["single"]
+    run = tmp_path / "single"
+    shutil.copytree(FIXTURES / "single", run)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    rng = autockpt.PerRank(autockpt.RNGState())
+    state = {"model": model, "opt": opt, "rng": rng, "plain": {}, "arr": np.zeros((2, 3), np.int16)}
+    with autockpt.CheckpointManager(run, max_to_keep=None) as mgr:
+        assert mgr.restore(state) == 7
+    draws = {"python": random.random(), "numpy": float(np.random.rand()), "torch": torch.rand(3).tolist()}
+    assert draws == exp["draws_after_restore"]
+    assert state["rng"] is rng and state["plain"]["epoch"] == 2

@@ -14,11 +14,12 @@ from autockpt._version import __version__
 from autockpt.data import ResumableLoader, ResumableSampler  # noqa: E402
 from autockpt.loop import Run, resume  # noqa: E402
 from autockpt.manager import CheckpointManager  # noqa: E402
+from autockpt.per_rank import PerRank  # noqa: E402
 from autockpt.reader import load  # noqa: E402
 from autockpt.retention import KeepBest  # noqa: E402
 from autockpt.rng import RNGState  # noqa: E402
 
 __all__ = [
-    "CheckpointManager", "KeepBest", "RNGState", "ResumableLoader", "ResumableSampler", "Run", "errors", "load",
-    "resume", "__version__",
+    "CheckpointManager", "KeepBest", "PerRank", "RNGState", "ResumableLoader", "ResumableSampler", "Run", "errors",
+    "load", "resume", "__version__",
 ]

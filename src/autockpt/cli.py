@@ -373,6 +373,10 @@ def _tree_lines(node: Any, manifest: dict[str, Any], indent: int) -> Iterator[st
                 inner = value.get("state")
                 if isinstance(inner, (dict, list)):
                     yield from _tree_lines(inner, manifest, indent + 1)
+            elif kind == "per_rank":
+                ranks: list[Any] = value["ranks"] if isinstance(value.get("ranks"), list) else []
+                yield f"{pad}{key}: per rank ({len(ranks)} ranks)"
+                yield from _tree_lines({f"rank {r}": v for r, v in enumerate(ranks)}, manifest, indent + 1)
             elif kind == "bytes":
                 yield f"{pad}{key}: bytes ({len(value.get('b64', '')) * 3 // 4} B)"
             elif kind == "float":

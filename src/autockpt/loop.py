@@ -54,12 +54,12 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-from autockpt.coordination import process_group_initialized
 from autockpt.data import ResumableLoader, is_plain_dataloader
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
 from autockpt.options import ManagerOptions
+from autockpt.per_rank import PerRank
 from autockpt.preemption import DEFAULT_SIGNALS, Preempted, PreemptionWatcher
 from autockpt.rng import RNGState
 
@@ -319,11 +319,8 @@ class Run:
 
     def _signalled(self) -> bool:
         """Whether to stop: this process got a signal or, under torch.distributed, any rank did."""
-        if process_group_initialized():
-            from autockpt.coordination.torch_dist import any_rank
-
-            return any_rank(self._watcher.triggered)
-        return self._watcher.triggered
+        # every rank checks in (at most rank_timeout s; a missing rank raises SaveError naming it)
+        return self.manager._coord.any_rank(self._watcher.triggered, self.step)
 
     def _save(self, force: bool = False) -> bool:
         written = self.manager.save(self.step, self.state, metrics=self._metrics, force=force)
@@ -451,7 +448,8 @@ def resume(
             plain values (an int) are replaced in ``run.state``: read them back from there.
         every_n_steps, every_n_seconds: when to save, besides at the end and on preemption. If neither is
             given, every 600 seconds.
-        rng: also save and restore Python's, NumPy's and torch's (CPU and CUDA) random generators.
+        rng: also save and restore Python's, NumPy's and torch's (CPU and CUDA) random generators; under
+            ``torch.distributed`` every rank's own (``autockpt.PerRank``), restored into the same rank.
         signals: the signals that mean "preempted: save and stop" (default SIGTERM and SIGUSR1).
         catch_sigint: treat the first Ctrl-C the same way (a second one interrupts at once).
         **manager_options: passed to :class:`~autockpt.CheckpointManager`: ``max_to_keep``, ``keep_best``,
@@ -498,8 +496,10 @@ def resume(
             )
         full[name] = obj
     if data is not None:
-        if is_stateful(data):
-            full["data"] = data
+        if isinstance(data, ResumableLoader):
+            full["data"] = data  # the same on every rank: its global count of consumed samples fits any world size
+        elif is_stateful(data):
+            full["data"] = PerRank(data)  # a loader's position of its own on each rank
         elif is_plain_dataloader(data):
             warnings.warn(
                 "autockpt.resume: a plain torch DataLoader cannot save its position, so a resumed run would "
@@ -513,7 +513,7 @@ def resume(
                 f"loader), got {type(data).__name__}"
             )
     if rng:
-        full["rng"] = RNGState()
+        full["rng"] = PerRank(RNGState())  # every rank's own generators
     for key, obj in (state or {}).items():
         if not isinstance(key, str) or not key:
             raise InvalidArgumentError(f"state keys must be non-empty str, got {key!r}")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from autockpt import fit
+from autockpt import fit, per_rank
 from autockpt.coordination import coordinator_for, process_group_initialized
 from autockpt.errors import (
     CheckpointNotFoundError,
@@ -34,6 +34,7 @@ from autockpt.format import (
 )
 from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions, check_directory
+from autockpt.per_rank import PerRank
 from autockpt.progress import ProgressReporter
 from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest
@@ -65,6 +66,10 @@ class CheckpointManager:
         progress: show bytes and rate on the terminal while large checkpoints (64 MiB and more) are saved
             and restored. Either way one summary line per save and restore is logged to the "autockpt"
             logger at INFO level.
+        rank_timeout: under ``torch.distributed``, the seconds each rank waits at ``save`` (and at
+            ``autockpt.resume``'s step boundary) for the other ranks; a rank that does not arrive in time (a hang,
+            a crash, a code path that skips ``save``) makes the others raise ``SaveError`` whose ``failures``
+            name the missing ranks, instead of waiting for the process group's timeout.
         distributed: ``None`` (default) detects an initialised ``torch.distributed`` process group; then the
             manager is collective: create it and call ``save``/``restore``/``latest_step`` on every rank.
             ``False`` keeps it local to this process even under a process group (for code that saves from
@@ -86,6 +91,8 @@ class CheckpointManager:
     A step is the number of completed optimizer updates; the checkpoint of step N holds the state after N
     updates. The state is a mapping of names to objects with ``state_dict()``/``load_state_dict()`` (torch
     modules, optimizers, schedulers, ``autockpt.RNGState()``), tensors, numpy arrays and plain values.
+    Under ``torch.distributed`` a top-level value wrapped in ``autockpt.PerRank`` is saved by every rank and
+    restored into the same rank: ``state = {"model": model, "rng": autockpt.PerRank(autockpt.RNGState())}``.
 
     ```python
     import torch, autockpt
@@ -118,12 +125,13 @@ class CheckpointManager:
         local_dir: str | os.PathLike[str] | None = None,
         local_max_to_keep: int = 2,
         upload_deadline_s: float = 20.0,
+        rank_timeout: float = 300.0,
     ) -> None:
         check_directory(directory)
         self.options = ManagerOptions(
             max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
             storage_options, max_consecutive_failures, progress, distributed, local_dir, local_max_to_keep,
-            upload_deadline_s,
+            upload_deadline_s, rank_timeout,
         )
         if local_dir is not None and distributed is not False and process_group_initialized():
             raise InvalidArgumentError(
@@ -147,7 +155,7 @@ class CheckpointManager:
         self._background = BackgroundSaver()  # async_save: host staging buffers and the writing thread
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
-        self._coord = coordinator_for(self.storage, distributed)
+        self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage)  # held by the writing rank only
         if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
@@ -240,8 +248,14 @@ class CheckpointManager:
             self._join()
         except SaveError as e:  # the previous background save failed (and was counted when it did)
             self._failed(e, counted=True)
-        encoder = TreeEncoder()
-        tree = {k: encoder.encode(v, (k,)) for k, v in state.items()}  # bad values raise before any write
+        encoder, mine = TreeEncoder(), TreeEncoder()  # mine: this rank's per-rank values, written by this rank
+        tree = {k: None if isinstance(v, PerRank) else encoder.encode(v, (k,)) for k, v in state.items()}
+        own = {k: mine.encode(v.value, (k, f"rank-{self._coord.rank:05d}"))  # bad values raise before any write
+               for k, v in state.items() if isinstance(v, PerRank)}
+        if own:
+            every = self._coord.gather(own)
+            for k in own:
+                tree[k] = per_rank.node([ranks[k] for ranks in every])
         problem = self._coord.broadcast_from_writer(self._take_lease() if self._coord.is_writer else None)
         if problem is not None:  # every rank learns of it, so that no rank waits for the others
             if isinstance(problem, LeaseError):
@@ -259,7 +273,7 @@ class CheckpointManager:
                 log.info("autockpt: step %d already has a committed checkpoint; not saving it again", step)
                 return False
             self._manifests.pop(step, None)  # damaged: write it again
-        entries = self._coord.prepare(encoder.tensors)
+        entries = self._coord.prepare(encoder.tensors) + mine.tensors
         run_start = self._run_start(committed)
         if self.async_save:
             entries = self._background.snapshot(entries)
@@ -444,6 +458,34 @@ class CheckpointManager:
             log.error("autockpt: while closing after an error: %r", e)
 
     # ------------------------------------------------------------------------------------------ restoring
+    def _per_rank_restored(self, step: int, state: Mapping[str, Any], saved_by: dict[str, int]) -> None:
+        """On another number of processes than saved: derive the new ranks' RNGs and say once why the resume
+        is not bit-exact. Also say it when per-rank values come from a checkpoint that held one copy."""
+        rank, world = self._coord.rank, self._coord.world_size
+        keys = [k for k, v in state.items() if isinstance(v, PerRank)]
+        for k in keys:
+            if k in saved_by and rank >= saved_by[k]:
+                per_rank.derive_new_rank(state[k].value, rank)
+        other = sorted({saved_by[k] for k in keys if k in saved_by and saved_by[k] != world})
+        single = [k for k in keys if k not in saved_by] if world > 1 else []
+        if not self._coord.is_writer:
+            return
+        if other:
+            saved = other[0]
+            if world > saved:
+                how = (f"ranks {saved}..{world - 1} have no saved per-rank state ({', '.join(keys)}): rank r starts "
+                       f"from saved rank r % {saved}'s, its RNGs reseeded deterministically from it and r")
+            else:
+                how = f"the saved per-rank state ({', '.join(keys)}) of ranks {world}..{saved - 1} is not used"
+            log.warning("autockpt: step %d of %s was saved by %d process(es) and is restored on %d, so this resume "
+                        "cannot be bit-exact: %s; random draws (dropout, augmentation) and the batches each rank "
+                        "gets differ from an uninterrupted run (with autockpt.ResumableLoader no sample of the "
+                        "epoch is repeated or skipped)", step, self.directory, saved, world, how)
+        elif single:
+            log.warning("autockpt: step %d of %s holds one copy of %s (saved without per-rank state): all %d ranks "
+                        "get it, so this resume is not bit-exact (each rank's own random stream was not saved)",
+                        step, self.directory, ", ".join(single), world)
+
     def restore(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
         """Restore a checkpoint into ``state`` in place; returns its step, or None if there is none.
 
@@ -473,10 +515,19 @@ class CheckpointManager:
             return None
         s, ckpt = found
         size = sum(f["size"] for f in ckpt.manifest["files"].values())
+        targets = per_rank.unwrap(state)
         with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
-            self._coord.run_raising_everywhere(fit.check, state, ckpt.manifest["state"], ckpt.metas)
+            tree, saved_by = self._coord.run_raising_everywhere(
+                per_rank.select, ckpt.manifest["state"], self._coord.rank, f"{self.directory} {step_dirname(s)}")
+            self._coord.run_raising_everywhere(fit.check, targets, tree, ckpt.metas)
             ckpt.on_bytes = bar.update
-            fit.apply(state, ckpt.manifest["state"], ckpt.tensor)
+            fit.apply(targets, tree, ckpt.tensor)
+        for key, value in state.items():  # plain values were replaced in `targets`
+            if isinstance(value, PerRank):
+                value.value = targets[key]
+            else:
+                state[key] = targets[key]
+        self._per_rank_restored(s, state, saved_by)
         secs = time.perf_counter() - t0
         log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))

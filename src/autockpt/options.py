@@ -67,6 +67,7 @@ class ManagerOptions:
     local_dir: str | os.PathLike[str] | None = None
     local_max_to_keep: int = 2
     upload_deadline_s: float = 20.0
+    rank_timeout: float = 300.0
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,9 @@ class ManagerOptions:
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {self.storage_options!r}")
         check_positive("max_consecutive_failures", self.max_consecutive_failures, int)
         check_bool("progress", self.progress)
+        if self.rank_timeout is None:
+            raise InvalidArgumentError("rank_timeout must be a positive number of seconds, got None")
+        check_positive("rank_timeout", self.rank_timeout, float)
         if self.distributed not in (None, True, False):
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import random
 import signal
 import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -109,6 +111,17 @@ def inject(kind: str) -> None:
         return cm()
 
     CheckpointWriter.open = broken  # type: ignore[method-assign]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def draws() -> dict[str, list[float]]:
+    return {"python": [random.random() for _ in range(3)], "numpy": np.random.rand(3).tolist(),
+            "torch": torch.rand(3).tolist()}
 
 
 def main() -> None:
@@ -225,6 +238,25 @@ def run() -> None:
         with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
             result["restored"] = mgr.restore({"model": model2, "opt": opt2})
         result["full_after"] = full(model2, opt2)
+    elif SCENARIO == "rng_save":  # every rank seeds its own generators, saves them (step 1), then draws
+        seed_all(50 + RANK)
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            mgr.save(1, {"rng": autockpt.PerRank(autockpt.RNGState())})
+        result["draws"] = draws()
+    elif SCENARIO == "rng_restore":  # restore on this world size (maybe another) twice, drawing after each
+        for name in ("draws", "again"):
+            seed_all(999)
+            with autockpt.CheckpointManager(CKPT) as mgr:
+                mgr.restore({"rng": autockpt.PerRank(autockpt.RNGState())})
+            result[name] = draws()
+    elif SCENARIO == "hang":  # rank 1 never reaches the second save; rank 0 must learn which rank is missing
+        with autockpt.CheckpointManager(CKPT, rank_timeout=3) as mgr:
+            mgr.save(1, {"x": torch.zeros(2)})
+            if RANK == 1:
+                while not os.path.exists(os.path.join(OUT, "result-0.json")):
+                    time.sleep(0.1)
+                os._exit(0)
+            result["error"] = error_of(lambda: mgr.save(2, {"x": torch.zeros(2)}))
     elif SCENARIO == "unshared":
         result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
     else:

@@ -30,11 +30,12 @@ def process_group_initialized() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def coordinator_for(storage: Storage, distributed: bool | None = None) -> Coordinator:
+def coordinator_for(storage: Storage, distributed: bool | None = None, rank_timeout: float = 300.0) -> Coordinator:
     """The coordinator for this process: the torch one under an initialised process group, else the local one.
 
     ``distributed=False`` asks for the local one even under a process group (a caller that coordinates the
-    ranks itself and saves from one rank); ``True`` requires a process group.
+    ranks itself and saves from one rank); ``True`` requires a process group. ``rank_timeout``: the seconds
+    a rank waits at ``save`` for the others before raising ``SaveError`` naming the ranks that did not arrive.
     """
     if distributed is False:
         return LocalCoordinator()
@@ -44,7 +45,7 @@ def coordinator_for(storage: Storage, distributed: bool | None = None) -> Coordi
     if process_group_initialized():
         from autockpt.coordination.torch_dist import TorchCoordinator
 
-        return TorchCoordinator()
+        return TorchCoordinator(rank_timeout)
     return LocalCoordinator()
 
 

@@ -31,7 +31,17 @@ class Coordinator(Protocol):
         ...
 
     def agree_to_save(self, step: int, due: bool) -> bool:
-        """All ranks must pass the same ``step``; returns True on every rank if any rank wants to save."""
+        """All ranks must pass the same ``step``; returns True on every rank if any rank wants to save. A rank that
+        does not arrive within the manager's ``rank_timeout`` makes the others raise ``SaveError`` naming it."""
+        ...
+
+    def any_rank(self, flag: bool, step: int) -> bool:
+        """True on every rank if ``flag`` is True on any rank, at the boundary after ``step``; a rank that does
+        not arrive within the manager's ``rank_timeout`` makes the others raise ``SaveError`` naming it."""
+        ...
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
         ...
 
     def broadcast_from_writer(self, value: T) -> T:

@@ -32,6 +32,12 @@ class LocalCoordinator:
     def agree_to_save(self, step: int, due: bool) -> bool:
         return due
 
+    def any_rank(self, flag: bool, step: int) -> bool:
+        return bool(flag)
+
+    def gather(self, value: T) -> list[T]:
+        return [value]
+
     def broadcast_from_writer(self, value: T) -> T:
         return value
 

@@ -70,14 +70,23 @@ class TorchCoordinator:
     and works beside NCCL): one for decisions taken in the calling thread, one for the save protocol, which
     may run in the background thread of ``async_save``. Both use the default group's timeout, so a rank that
     died or never arrives makes the others raise after that timeout instead of hanging.
+
+    Before the decisions taken at a step (``agree_to_save``, ``any_rank``) every rank first checks in through
+    the process group's store and waits at most ``rank_timeout`` seconds for the others: a rank that never
+    reaches ``save`` (a bug, a hang, a crash) makes the others raise ``SaveError`` whose ``failures`` name
+    the missing ranks, instead of a bare ``RuntimeError`` after the process group's timeout.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rank_timeout: float = 300.0) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.rank_timeout = float(rank_timeout)
         timeout = _timeout()
         self._ctl = dist.new_group(backend="gloo", timeout=timeout)
         self._io = dist.new_group(backend="gloo", timeout=timeout)
+        token = self._bcast(secrets.token_hex(8) if self.rank == 0 else None, self._ctl)
+        self._store = dist.PrefixStore(f"autockpt-{token}/", dist.distributed_c10d._get_default_store())
+        self._round = 0
 
     @property
     def is_writer(self) -> bool:
@@ -114,7 +123,48 @@ class TorchCoordinator:
             raise err
         raise failed_on_ranks(failed)
 
+    def _arrive(self, what: str) -> None:
+        """Check in and wait (at most ``rank_timeout``) until every rank did; else raise naming the missing."""
+        self._round += 1
+        key = f"{self._round}/"
+        store = self._store
+        store.set(key + str(self.rank), "1")
+        try:
+            store.wait([key + str(r) for r in range(self.world_size)],
+                       datetime.timedelta(seconds=self.rank_timeout))
+        except Exception as e:  # a timeout (DistStoreError), or the store itself is gone (rank 0 died)
+            try:
+                missing = [r for r in range(self.world_size) if not store.check([key + str(r)])]
+            except Exception:
+                missing = [0] if self.rank != 0 else []
+            if not missing and not isinstance(e, dist.DistStoreError):
+                raise
+            if missing:
+                why = (f"did not reach {what} within rank_timeout={self.rank_timeout:g} s (a hang, a crash or a "
+                       "code path that skips it on that rank)")
+                error = SaveError(
+                    f"{what}: rank(s) {missing} {why}; nothing was saved. Every rank must call save() at the same "
+                    "step; raise rank_timeout= of the CheckpointManager (or autockpt.resume) if a rank "
+                    "legitimately needs longer (e.g. an evaluation on one rank)")
+                error.failures = {r: why for r in missing}
+                raise error from None
+        if self._round > 1:  # every rank passed the round before: its key is no longer waited for
+            try:
+                store.delete_key(f"{self._round - 1}/{self.rank}")
+            except Exception:  # pragma: no cover - only bookkeeping
+                pass
+
+    def gather(self, value: T) -> list[T]:
+        return self._gather(value, self._ctl)
+
+    def any_rank(self, flag: bool, step: int) -> bool:
+        self._arrive(f"the end of step {step}")
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctl)
+        return bool(t.item())
+
     def agree_to_save(self, step: int, due: bool) -> bool:
+        self._arrive(f"save(step={step})")
         t = torch.tensor([step, -step, 1 if due else 0], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctl)
         if int(t[0]) != -int(t[1]):

@@ -7,8 +7,9 @@ metrics, user metadata and library versions, and a checksum of itself. Nothing h
 
 State tree nodes in the manifest: ``null``/``true``/``false``, integers, strings, finite floats and JSON
 lists stand for themselves; every JSON object is a tagged node ``{"type": ...}``: ``tensor``, ``tuple``,
-``dict`` (``items`` for string keys, ``pairs`` otherwise), ``float`` (non-finite), ``bytes`` and
-``stateful`` (an object saved through its ``state_dict()``).
+``dict`` (``items`` for string keys, ``pairs`` otherwise), ``float`` (non-finite), ``bytes``,
+``stateful`` (an object saved through its ``state_dict()``) and ``per_rank`` (``ranks``: the tree of every rank's
+own value, in rank order; ``autockpt.load`` reads it as a list indexed by rank).
 
 The package: ``dtypes`` (tensor kinds and bytes), ``tree`` (state tree encoding), ``safetensors`` (the payload
 container); this module is the manifest (schema, self-checksum, versions) and re-exports the names callers use.

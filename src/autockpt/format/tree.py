@@ -157,6 +157,10 @@ def decode_tree(node: Any, tensor: Callable[[str, Any], Any], path: tuple[Any, .
             return base64.b64decode(node["b64"], validate=True)
         if kind == "stateful":
             return decode_tree(node["state"], tensor, path, like)
+        if kind == "per_rank":  # autockpt.PerRank: one value per rank that saved, as a list indexed by rank
+            if not isinstance(node["ranks"], list):
+                raise TypeError("ranks is not a list")
+            return [decode_tree(v, tensor, (*path, f"rank {r}")) for r, v in enumerate(node["ranks"])]
     except CorruptCheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:

@@ -22,8 +22,9 @@ How it hooks into Lightning (2.6; see ``SUPPORTED_LIGHTNING``):
   ``trainer.fit(..., ckpt_path=...)`` still wins.
 - Data order: the sampler under the training ``DataLoader``'s ``BatchSampler`` is wrapped so that each epoch's
   order is fixed by a seed and the epoch number, and on a mid-epoch resume the epoch continues after the batches
-  already trained, without loading them. The global RNGs (Python, NumPy, torch) are saved with each checkpoint
-  and put back right before the first resumed batch.
+  already trained, without loading them (under DDP, on each rank from its own ``DistributedSampler`` shard).
+  The global RNGs (Python, NumPy, torch) of every rank are saved with each checkpoint and each rank's are put
+  back into that rank right before the first resumed batch.
 - Preemption: SIGTERM/SIGUSR1 only set a flag, from ``setup`` (before the restore) to the end of ``fit``; once
   Lightning installed its own SIGTERM handler the callback puts its handler back on top, so Lightning never raises
   its ``SIGTERMException`` (handlers installed before ``fit`` still run). The flag is acted on at points where all
@@ -402,6 +403,7 @@ class AutoCheckpoint(_Base):
         self._val_step: int | None = None  # global step at which validation last logged ``monitor``
         self._quiet: Any = None
         self._stop_at_start = 0
+        self._rngs: list[dict[str, Any]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -465,7 +467,8 @@ class AutoCheckpoint(_Base):
             "batches_done": self._batches_done,
             "gen_epoch": sampler.gen_epoch if sampler is not None else None,
             "gen_state": sampler.gen_state if sampler is not None else None,
-            "rng": RNGState().state_dict(),
+            "rng": RNGState().state_dict(),  # this rank's (rank 0's in the checkpoint), as before
+            "rngs": self._rngs,  # under DDP: every rank's, in rank order (gathered by _save)
             "stopped_early": self._stopped_early,
         }
 
@@ -491,6 +494,8 @@ class AutoCheckpoint(_Base):
         self._stop_at_start = self._agree(trainer)
         if self._seed is None:
             self._seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            if trainer.world_size > 1:  # rank 0's on every rank, as a resume will have it (ranks may seed apart)
+                self._seed = int(trainer.strategy.broadcast(self._seed, src=0))
         self._samplers = []
         unwrappable = []
         for dl in _flat_loaders(trainer.train_dataloader):
@@ -552,10 +557,40 @@ class AutoCheckpoint(_Base):
             self._preempted(trainer, self._stop_at_start)
             raise StopIteration  # nothing trained since the newest checkpoint; nothing to save
         if self._pending is not None:
-            rng = self._pending.get("rng")
-            self._pending = None
+            pending, self._pending = self._pending, None
+            rng, rngs = pending.get("rng"), pending.get("rngs")
+            saved = len(rngs) if isinstance(rngs, list) and rngs else 1  # processes that saved
+            if isinstance(rngs, list) and rngs:  # every rank's saved: this rank takes its own
+                rng = rngs[trainer.global_rank % saved]
             if rng is not None:
                 RNGState().load_state_dict(rng)
+            # (a checkpoint without "rngs" predates per-rank RNGs: rank 0's goes to every rank, as it did then)
+            if "rngs" in pending and saved != trainer.world_size:
+                self._inexact_rngs(trainer, saved, trainer.world_size)
+
+    def _inexact_rngs(self, trainer: Any, saved: int, world: int) -> None:
+        """Resumed on another number of processes: new ranks get RNGs of their own; say why it is not exact."""
+        rank = int(trainer.global_rank)
+        if rank >= saved:
+            RNGState().derive_for_rank(rank)  # ranks with no saved RNG: a stream of their own, deterministically
+        if trainer.is_global_zero:
+            log.warning("autockpt: step %s of %s was saved by %d process(es) and is restored on %d, so this resume "
+                        "cannot be bit-exact: ranks without a saved RNG of their own derive it deterministically "
+                        "from a saved rank's, and the batches each rank gets differ from an uninterrupted run",
+                        self.restored_step, self.directory, saved, world)
+
+    @staticmethod
+    def _every_rank_rng(trainer: Any) -> list[dict[str, Any]] | None:
+        """Every rank's RNG state in rank order, on every rank (collective); None in a single process."""
+        if trainer.world_size <= 1:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):  # pragma: no cover - DDP always has one
+            return None
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, RNGState().state_dict())
+        return out
 
     # ------------------------------------------------------------------ preemption
     def _agree(self, trainer: Any) -> int:
@@ -645,7 +680,9 @@ class AutoCheckpoint(_Base):
             self._preempted(trainer, sig)
 
     def _save(self, trainer: Any, step: int, between_epochs: bool = False) -> None:
+        self._rngs = self._every_rank_rng(trainer)
         ckpt = _dump_lightning_checkpoint(trainer)
+        self._rngs = None
         if between_epochs:
             _as_between_epochs(ckpt)
         for key in _HPARAM_KEYS:
