@@ -312,7 +312,8 @@ class CheckpointManager:
             with ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
                 manifest = self._coord.write(
                     self.storage, step, entries, self.shard_bytes,
-                    lambda files, tensors: new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+                    lambda files, tensors: {**new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+                                            "retention": self.policy.to_json()},  # what `autockpt ls` shows
                     on_bytes=bar.update if bar.active else None,
                 )
             files = manifest["files"]
