@@ -59,7 +59,7 @@ from autockpt.data import ResumableLoader, is_plain_dataloader
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
-from autockpt.options import ManagerOptions
+from autockpt.options import ManagerOptions, check_directory, check_positive
 from autockpt.preemption import DEFAULT_SIGNALS, Preempted, PreemptionWatcher
 from autockpt.rng import RNGState
 
@@ -468,12 +468,9 @@ def resume(
     assert run.step == 50 and run.manager.latest_step == 50
     ```
     """
-    for name, value in (("every_n_steps", every_n_steps), ("every_n_seconds", every_n_seconds)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-            name == "every_n_steps" and not isinstance(value, int)
-        )):
-            kind = "int" if name == "every_n_steps" else "number"
-            raise InvalidArgumentError(f"{name} must be a positive {kind} or None, got {value!r}")
+    check_directory(directory)
+    check_positive("every_n_steps", every_n_steps, int)
+    check_positive("every_n_seconds", every_n_seconds, float)
     if every_n_steps is None and every_n_seconds is None:
         every_n_seconds = DEFAULT_EVERY_N_SECONDS
     unknown = sorted(set(manager_options) - set(_MANAGER_OPTIONS))

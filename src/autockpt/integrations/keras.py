@@ -25,6 +25,7 @@ from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.integrations import _keras_internals as internals
 from autockpt.manager import CheckpointManager
+from autockpt.options import check_bool, check_directory, check_positive
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -347,6 +348,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         exit_on_preemption: bool = True,
     ) -> None:
         super().__init__()
+        check_directory(directory)
+        check_positive("save_every_seconds", save_every_seconds, float)  # passed on as save_interval_seconds
         if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
                                          and save_freq > 0)):
             raise InvalidArgumentError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
@@ -354,8 +357,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
             raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
         if mode not in ("auto", "min", "max"):
             raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if not isinstance(exit_on_preemption, bool):
-            raise InvalidArgumentError(f"exit_on_preemption must be True or False, got {exit_on_preemption!r}")
+        check_bool("exit_on_preemption", exit_on_preemption)
         best = KeepBest(monitor, _mode_for(monitor, mode), keep_best) if monitor is not None else None  # type: ignore[arg-type]
         self.save_freq = save_freq
         self.monitor = monitor

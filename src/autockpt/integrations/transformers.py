@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -54,6 +53,7 @@ import xxhash
 
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.manager import CheckpointManager
+from autockpt.options import ManagerOptions, check_bool, check_directory, check_positive
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -138,20 +138,6 @@ def _content_hash(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {"xxh3_64": h.hexdigest(), "tensors": len(tensors), "bytes": nbytes}
 
 
-def _check_positive(name: str, value: Any, kind: type, what: str) -> None:
-    if value is None:
-        return
-    numeric = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, numeric) or value <= 0 or (
-            kind is float and not math.isfinite(value)):
-        raise InvalidArgumentError(f"{name} must be {what} or None, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
-
-
 # --------------------------------------------------------------------------------- the callback
 
 
@@ -210,25 +196,21 @@ class AutoCheckpoint(TrainerCallback):
         storage_options: dict[str, Any] | None = None,
         exit_on_preemption: bool = True,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
-        _check_positive("save_steps", save_steps, int, "a positive int (steps)")
-        _check_positive("save_every_seconds", save_every_seconds, float, "a positive number of seconds")
-        _check_positive("max_to_keep", max_to_keep, int, "a positive int")
-        _check_positive("keep_every_n_hours", keep_every_n_hours, float, "a positive number of hours")
+        check_directory(directory)
+        check_positive("save_steps", save_steps, int)
+        check_positive("save_every_seconds", save_every_seconds, float)
+        # the options shared with the manager, checked by the manager's own checkers (the same error texts)
+        ManagerOptions(max_to_keep, keep_every_n_hours, async_save=async_save, storage_options=storage_options)
         if metric_for_best is not None and (not isinstance(metric_for_best, str) or not metric_for_best):
             raise InvalidArgumentError(
                 f"metric_for_best must be an evaluation metric name such as 'loss' or 'eval_accuracy', "
                 f"or None, got {metric_for_best!r}")
         if greater_is_better is not None:
-            _check_bool("greater_is_better", greater_is_better)
+            check_bool("greater_is_better", greater_is_better)
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
             raise InvalidArgumentError(f"keep_best must be a positive int (how many best checkpoints), got "
                                        f"{keep_best!r}")
-        _check_bool("async_save", async_save)
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
-        _check_bool("exit_on_preemption", exit_on_preemption)
+        check_bool("exit_on_preemption", exit_on_preemption)
         if save_steps is None and save_every_seconds is None:
             save_every_seconds = DEFAULT_EVERY_N_SECONDS
         self.directory = os.fspath(directory)
