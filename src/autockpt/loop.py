@@ -111,13 +111,14 @@ class Run:
         signals: Iterable[int | str],
         catch_sigint: bool,
         manager_options: dict[str, Any],
+        cloud_notices: bool = True,
     ) -> None:
         self.state = state
         self.state["loop"] = _Progress(self)
         self.manager = CheckpointManager(
             directory, save_interval_steps=every_n_steps, save_interval_seconds=every_n_seconds, **manager_options
         )
-        self._watcher = PreemptionWatcher(signals, catch_sigint=catch_sigint)
+        self._watcher = PreemptionWatcher(signals, catch_sigint=catch_sigint, cloud_notices=cloud_notices)
         self.step = 0
         self.restored = False
         self.preempted = False
@@ -435,6 +436,7 @@ def resume(
     rng: bool = True,
     signals: Iterable[int | str] = DEFAULT_SIGNALS,
     catch_sigint: bool = True,
+    cloud_notices: bool = True,
     **manager_options: Any,
 ) -> Run:
     """Restore the newest valid checkpoint of ``directory`` on entry (or start fresh), save as the loop goes.
@@ -454,6 +456,8 @@ def resume(
         rng: also save and restore Python's, NumPy's and torch's (CPU and CUDA) random generators.
         signals: the signals that mean "preempted: save and stop" (default SIGTERM and SIGUSR1).
         catch_sigint: treat the first Ctrl-C the same way (a second one interrupts at once).
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as the first of ``signals`` (see ``autockpt.cloud_notice``); ``False`` turns it off.
         **manager_options: passed to :class:`~autockpt.CheckpointManager`: ``max_to_keep``, ``keep_best``,
             ``keep_every_n_hours``, ``async_save``, ``storage_options``.
 
@@ -520,4 +524,5 @@ def resume(
         full[key] = obj
     if not full:
         raise InvalidArgumentError("nothing to checkpoint: pass model=, optimizer=, state= or rng=True")
-    return Run(directory, full, every_n_steps, every_n_seconds, signals, catch_sigint, dict(manager_options))
+    return Run(directory, full, every_n_steps, every_n_seconds, signals, catch_sigint, dict(manager_options),
+               cloud_notices)

@@ -309,6 +309,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
             teardown, so that a scheduler requeues the job and code after ``fit`` does not run on a
             half-trained model. ``False`` (notebooks) lets ``fit`` return; ``preempted`` and ``exit_code``
             tell what happened either way.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     Restores, at the start of ``fit``: model variables (weights, seed generators), optimizer variables
     (iterations, so learning-rate schedules continue; moments), the epoch and the batch inside it, the
@@ -346,6 +348,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         storage_options: dict[str, Any] | None = None,
         signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_preemption: bool = True,
+        cloud_notices: bool = True,
     ) -> None:
         super().__init__()
         check_directory(directory)
@@ -362,7 +365,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.save_freq = save_freq
         self.monitor = monitor
         self.exit_on_preemption = exit_on_preemption
-        self.watcher = PreemptionWatcher(signals)
+        self.watcher = PreemptionWatcher(signals, cloud_notices=cloud_notices)
+        self.cloud_notices = cloud_notices
         self.manager = CheckpointManager(
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
             save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
@@ -507,7 +511,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.preempted = False
         internals.set_initial_epoch(self.model, None)  # nothing left from a fit that raised
         internals.skip_validation(self.model, False)
-        self.watcher = PreemptionWatcher(self.watcher.signals).install()  # first: a signal in the restore counts
+        # first: a signal in the restore counts
+        self.watcher = PreemptionWatcher(self.watcher.signals, cloud_notices=self.cloud_notices).install()
         try:
             self._fit = internals.find_fit_locals(self.model)
             self._state = keras_state(self.model, _strict=True)

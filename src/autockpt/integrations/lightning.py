@@ -305,6 +305,8 @@ class AutoCheckpoint(_Base):
             with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
             requeue the job and code after ``fit`` does not run on a half-trained model. ``False`` (notebooks):
             ``fit`` returns; check ``preempted``/``exit_code``.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     After ``fit``: ``restored_step`` is the step it resumed from (``None`` for a fresh start), ``preempted`` says
     whether a signal stopped the run (the checkpoint was written; run the same ``fit`` again to continue) and
@@ -344,6 +346,7 @@ class AutoCheckpoint(_Base):
         storage_options: dict[str, Any] | None = None,
         preemption_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
         exit_on_preemption: bool = True,
+        cloud_notices: bool = True,
     ) -> None:
         super().__init__()
         check_directory(directory)
@@ -372,7 +375,8 @@ class AutoCheckpoint(_Base):
         self.monitor = monitor
         self.storage_options = dict(storage_options or {})
         self.exit_on_preemption = exit_on_preemption
-        self._watcher = _Watcher(preemption_signals) if preemption_signals is not None else None
+        self._watcher = (_Watcher(preemption_signals, cloud_notices=cloud_notices)
+                         if preemption_signals is not None else None)
         self.restored_step: int | None = None
         self.preempted = False
         self.signal: int | None = None

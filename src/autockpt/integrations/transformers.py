@@ -163,6 +163,8 @@ class AutoCheckpoint(TrainerCallback):
         exit_on_preemption: after a SIGTERM/SIGUSR1 stopped ``train()``, exit the process with ``128 + signal``
             once ``train()`` has finished its teardown (so a scheduler restarts it). With False, ``train()``
             returns and ``preempted``/``exit_code`` tell what happened.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     Pass it in ``Trainer(callbacks=[...])`` (not ``add_callback`` later): it needs to see the Trainer being
     built. After ``train()``: ``restored_step`` (None for a fresh start), ``preempted``, ``exit_code``.
@@ -195,6 +197,7 @@ class AutoCheckpoint(TrainerCallback):
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         exit_on_preemption: bool = True,
+        cloud_notices: bool = True,
     ) -> None:
         check_directory(directory)
         check_positive("save_steps", save_steps, int)
@@ -232,7 +235,7 @@ class AutoCheckpoint(TrainerCallback):
         self.signal: int | None = None
         self._trainer: Any = None
         self._manager: CheckpointManager | None = None
-        self._watcher = PreemptionWatcher()
+        self._watcher = PreemptionWatcher(cloud_notices=cloud_notices)
         self._marker: str | None = None  # the resume_from_checkpoint we hand Trainer; a temporary directory
         self._pending: dict[str, Any] = {}  # restored state waiting for the moment Trainer loads it
         self._frozen_hash: dict[str, Any] | None = None
