@@ -67,6 +67,11 @@ class VariablesState:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"{i:04d}": _np(v) for i, v in enumerate(self.variables)}
 
+    def describe_key(self, key: str) -> str | None:
+        """The path of the variable stored under ``key`` (``"0000"`` -> ``"dense/kernel"``), for messages."""
+        i = int(key) if key.isdigit() else -1
+        return str(self.variables[i].path) if 0 <= i < len(self.variables) else None
+
     def _check(self, state: dict[str, Any]) -> list[np.ndarray]:
         keys = [f"{i:04d}" for i in range(len(self.variables))]
         if sorted(state) != keys:
@@ -258,24 +263,15 @@ def keras_state(model: Any, _strict: bool = False) -> dict[str, Any]:
 _KEY = re.compile(r"^(model|optimizer)/(\d+)\b")
 
 
-def _name_variables(error: StateMismatchError, state: dict[str, Any]) -> StateMismatchError:
-    """``error`` with ``model/0003`` (the stored key) named by the variable's path, ``model/0003 dense/kernel``.
+def _name_variables(error: StateMismatchError) -> StateMismatchError:
+    """``error`` restated for a Keras user, with what to do; its keys already name each variable by its path
+    (``model/0003 dense/kernel``: ``VariablesState.describe_key``).
 
     Keys stay numbered on storage: Keras' auto-generated paths (``dense_1``) change with what else the
     process built, so they cannot identify a variable across processes, but they name it for a person.
     """
-
-    def named(entry: str) -> str:
-        m = _KEY.match(entry)
-        if m is None:
-            return entry
-        variables = state[m.group(1)].variables
-        i = int(m.group(2))
-        path = variables[i].path if i < len(variables) else "(beyond the model's last variable)"
-        return f"{m.group(0)} {path}{entry[m.end():]}"
-
-    lists = {what: [named(e) for e in getattr(error, what)] for what in ("missing", "unexpected", "mismatched")}
-    if all(lists[what] == getattr(error, what) for what in lists):  # nothing numbered (e.g. the metrics' check)
+    lists = {what: list(getattr(error, what)) for what in ("missing", "unexpected", "mismatched")}
+    if not any(_KEY.match(e) for keys in lists.values() for e in keys):  # nothing numbered (the metrics' check)
         return error
     parts = [f"{what}: {', '.join(keys[:20])}" + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
              for what, keys in lists.items() if keys]
@@ -460,7 +456,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         try:
             self.restored_step = self.manager.restore(self._state)
         except StateMismatchError as e:
-            raise _name_variables(e, self._state) from None
+            raise _name_variables(e) from None
         where = self.manager.directory
         if self.restored_step is None:
             log.info("autockpt: no checkpoint in %s; starting fresh", where)
