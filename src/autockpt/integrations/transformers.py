@@ -270,7 +270,7 @@ class AutoCheckpoint(TrainerCallback):
         originals = {name: getattr(trainer, name) for name in ("train", *_TRAINER_METHODS)}
         mine: dict[str, Callable[..., Any]] = {
             "_save_checkpoint": lambda model, trial=None, *a, **k: self._save(trainer),
-            "_load_from_checkpoint": lambda checkpoint, model=None: None,  # the weights came in train()
+            "_load_from_checkpoint": lambda checkpoint, model=None: None,  # ours come with the optimizer
             "_load_optimizer_and_scheduler": lambda checkpoint: self._load_optimizer_and_scheduler(trainer),
             "_load_scaler": lambda checkpoint: self._load_scaler(trainer),
             "_load_rng_state": lambda checkpoint: self._load_rng(),
@@ -377,7 +377,7 @@ class AutoCheckpoint(TrainerCallback):
                 f"the checkpoint of step {step} in {self.directory} was not written by "
                 "autockpt.integrations.transformers.AutoCheckpoint (no Trainer state in it); use an empty "
                 "directory for this run")
-        self._load_model(trainer.model, saved, step)
+        self._check_model(trainer.model, saved, step)  # the weights are copied once the optimizer fits too
         self._marker = tempfile.mkdtemp(prefix="autockpt-hf-resume-")
         with open(os.path.join(self._marker, "trainer_state.json"), "w") as f:
             json.dump(saved["trainer_state"], f)
@@ -388,6 +388,18 @@ class AutoCheckpoint(TrainerCallback):
 
     def _load_model(self, model: Any, saved: dict[str, Any], step: int) -> None:
         """Check the frozen base and every saved key, shape and dtype, then copy the weights in place."""
+        self._check_model(model, saved, step)
+        self._copy_model(model, saved["model"])
+
+    @staticmethod
+    def _copy_model(model: Any, weights: Mapping[str, Any]) -> None:
+        live, _ = _split_model_state(model)  # the model's tensors now (Trainer may have moved it to a device)
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(weights[key])
+
+    def _check_model(self, model: Any, saved: dict[str, Any], step: int) -> None:
+        """Raise StateMismatchError unless the frozen base and every saved key, shape and dtype fit ``model``."""
         live, frozen = _split_model_state(model)
         have = _content_hash(frozen)
         want = saved["frozen"]
@@ -409,20 +421,26 @@ class AutoCheckpoint(TrainerCallback):
                 f"the checkpoint of step {step} does not fit the model; nothing was restored. missing: "
                 f"{missing[:10]}, unexpected: {unexpected[:10]}, mismatched: {mismatched[:10]}",
                 missing=missing, unexpected=unexpected, mismatched=mismatched)
-        with torch.no_grad():
-            for key, tensor in live.items():
-                tensor.copy_(weights[key])
 
     def _load_optimizer_and_scheduler(self, trainer: Any) -> None:
+        """Trainer built the optimizer: load it, then (only if it fit) the model weights held since ``_restore``,
+        so that a checkpoint that does not fit the optimizer never leaves the model half-restored."""
         saved = self._pending
         try:
             trainer.optimizer.load_state_dict(saved.pop("optimizer"))
         except (ValueError, KeyError, RuntimeError) as e:
             raise StateMismatchError(f"the optimizer state in {self.directory} does not fit this optimizer: {e}; "
-                                     "use the same optimizer and parameters as the run that wrote it") from e
+                                     "nothing was restored into the model; use the same optimizer and parameters "
+                                     "as the run that wrote it") from e
         sched = saved.pop("scheduler")
         if trainer.lr_scheduler is not None and sched is not None:
             trainer.lr_scheduler.load_state_dict(sched)
+        self._apply_pending_model(trainer)
+
+    def _apply_pending_model(self, trainer: Any) -> None:
+        weights = self._pending.pop("model", None)
+        if weights is not None:
+            self._copy_model(trainer.model, weights)
 
     def _load_scaler(self, trainer: Any) -> None:
         saved = self._pending.pop("scaler", None)
@@ -453,6 +471,7 @@ class AutoCheckpoint(TrainerCallback):
                 "[AutoCheckpoint(...)]); trainer.add_callback() comes too late to resume")
         if self.restored_step is not None:  # Trainer drops a best checkpoint that is not a local directory
             state.best_model_checkpoint = self._best_path(state)
+            self._apply_pending_model(self._trainer)  # if Trainer did not load an optimizer (none to load)
         self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ saving
