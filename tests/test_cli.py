@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import autockpt
+from autockpt.format import dump_manifest
 from autockpt.storage import open_storage as Storage
 from autockpt.storage import step_dirname
 
@@ -94,7 +95,7 @@ def test_ls_lists_every_checkpoint_with_metrics_status_and_why_kept(run: tuple[s
         row = rows[str(step)]
         assert f"val_loss={VAL_LOSS[step]:.6g}" in row and f"loss={1.0 / step:.6g}" in row
         assert row[-2] == "committed"
-        assert row[-1] == ("newest" if step == max(STEPS) else "-")
+        assert row[-1] == "newest"  # the run's own policy, recorded in its manifests: max_to_keep=None keeps all
 
     best = min(VAL_LOSS, key=VAL_LOSS.__getitem__)
     r = cli("ls", url, "--max-to-keep", "2", "--keep-best", "val_loss:min")
@@ -103,6 +104,47 @@ def test_ls_lists_every_checkpoint_with_metrics_status_and_why_kept(run: tuple[s
     for step in STEPS:
         expected = [w for w, hit in (("newest", step in sorted(STEPS)[-2:]), ("best", step == best)) if hit]
         assert kept[step] == (",".join(expected) or "prunable")
+
+
+def test_ls_uses_the_retention_policy_recorded_in_the_newest_manifest(tmp_path: Path) -> None:
+    url = str(tmp_path / "run")
+    kb = autockpt.KeepBest("val_loss", mode="min", k=1)
+    with autockpt.CheckpointManager(url, max_to_keep=None) as mgr:  # an earlier policy, in older manifests
+        for step in STEPS[:2]:
+            mgr.save(step, {"w": np.zeros(2)}, metrics={"val_loss": VAL_LOSS[step]})
+    with autockpt.CheckpointManager(url, max_to_keep=2, keep_best=kb) as mgr:
+        for step in STEPS[2:]:
+            mgr.save(step, {"w": np.zeros(2)}, metrics={"val_loss": VAL_LOSS[step]})
+    assert autockpt.load(url)["w"].tolist() == [0.0, 0.0]
+    manifest = json.loads((Path(url) / step_dirname(400) / "manifest.json").read_text())["body"]
+    assert manifest["retention"] == {"max_to_keep": 2, "keep_every_n_hours": None,
+                                     "keep_best": {"metric": "val_loss", "mode": "min", "k": 1}}
+    r = cli("ls", url)
+    assert r.returncode == 0, r.stderr
+    kept = {int(s): row[-1] for s, row in table(r.stdout).items()}
+    assert kept == {200: "best", 300: "newest", 400: "newest"}  # the manager pruned 100 with this policy
+    r = cli("ls", url, "--max-to-keep", "1")  # options replace the recorded policy
+    kept = {int(s): row[-1] for s, row in table(r.stdout).items()}
+    assert kept == {200: "prunable", 300: "prunable", 400: "newest"}
+    # a manifest written before the policy was recorded still lists; with none recorded only the newest is marked
+    for step in (200, 300, 400):
+        path = Path(url) / step_dirname(step) / "manifest.json"
+        body = json.loads(path.read_text())["body"]
+        del body["retention"]
+        path.write_bytes(dump_manifest(body))
+    r = cli("ls", url)
+    assert r.returncode == 0, r.stderr
+    kept = {int(s): row[-1] for s, row in table(r.stdout).items()}
+    assert kept == {200: "-", 300: "-", 400: "newest"}
+    assert autockpt.CheckpointManager(url).latest_step == 400
+
+
+def test_show_and_verify_help_describe_the_command() -> None:
+    for command, words in (("show", "manifest in human form"), ("verify", "xxh3-64 checksum")):
+        r = cli(command, "--help")
+        assert r.returncode == 0, r.stderr
+        usage_end = r.stdout.index("positional arguments")
+        assert words in " ".join(r.stdout[:usage_end].split()), r.stdout
 
 
 def test_ls_shows_leftovers_and_damage(run: tuple[str, dict[str, Any]]) -> None:

@@ -303,3 +303,31 @@ def test_notice_stops_a_real_run_after_saving(tmp_path: Path, fake: FakeMetadata
     assert saved == last_body + 1, (saved, last_body)  # the step in progress finished, was saved, nothing after
     assert autockpt.CheckpointManager(str(ckpt)).latest_step == saved
     np.testing.assert_array_equal(autockpt.load(str(ckpt))["w"], np.full(4, float(saved)))
+
+
+def test_cloud_notices_false_passes_through_every_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A bad AUTOCKPT_CLOUD is read (and refused) only where cloud notices are on: so every entry point that
+    accepts cloud_notices=False must hand it to its PreemptionWatcher (the Keras one also when fit starts)."""
+    keras = pytest.importorskip("keras")
+    keras_cb = pytest.importorskip("autockpt.integrations.keras").AutoCheckpoint
+    lightning_cb = pytest.importorskip("autockpt.integrations.lightning").AutoCheckpoint
+    hf_cb = pytest.importorskip("autockpt.integrations.transformers").AutoCheckpoint
+    monkeypatch.setenv("AUTOCKPT_CLOUD", "amazon")
+    makers = {"resume": lambda d, **k: autockpt.resume(d, **k), "keras": keras_cb, "lightning": lightning_cb,
+              "transformers": hf_cb}
+    for name, make in makers.items():
+        with pytest.raises(InvalidArgumentError, match="AUTOCKPT_CLOUD must be one of"):
+            make(str(tmp_path / name))  # notices on by default: the setting is checked at once
+        with pytest.raises(InvalidArgumentError, match="cloud_notices must be True or False"):
+            make(str(tmp_path / name), cloud_notices="yes")
+        make(str(tmp_path / name), cloud_notices=False)  # off: the variable is not read
+    with autockpt.resume(tmp_path / "loop", every_n_steps=2, cloud_notices=False) as run:
+        for _ in run.steps(2):
+            pass
+    assert run.step == 2
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    cb = keras_cb(str(tmp_path / "fit"), cloud_notices=False)
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, batch_size=2, verbose=0, callbacks=[cb])
+    assert cb.manager.latest_step == 2

@@ -487,6 +487,19 @@ def test_mismatch_names_keras_variables_by_path(tmp_path: Path) -> None:
     assert any("momentum" in m for m in info.value.mismatched), info.value.mismatched  # optimizer variables too
 
 
+def test_mismatch_through_a_plain_manager_names_keras_variables_by_path(tmp_path: Path) -> None:
+    model = keras_train.build()
+    _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq="epoch")], epochs=1)
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(17), keras.layers.Dense(1)])
+    other.compile(optimizer="adam", loss="mse")
+    with pytest.raises(StateMismatchError) as info:
+        autockpt.CheckpointManager(tmp_path / "ck").restore(keras_state(other))
+    kernel = other.layers[0].kernel.path  # e.g. "sequential_3/dense_7/kernel"
+    assert kernel.endswith("/kernel")
+    assert any(m.startswith(f"model/0000 {kernel} (") for m in info.value.mismatched), info.value.mismatched
+    assert f"model/0000 {kernel} (" in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def windows() -> Any:
     """keras_windows.py --serve: runs each window in a new process forked after Keras was imported."""

@@ -66,3 +66,34 @@ def test_options_are_checked_in_one_place_with_one_text(tmp_path: Path) -> None:
         messages.append(str(info.value))
     assert messages == ["async_save must be True or False, got 'yes'"] * 3
     assert "max_to_keep" in ManagerOptions.names() and "directory" not in ManagerOptions.names()
+
+
+@pytest.mark.parametrize("option,bad", [
+    ("directory", ""),
+    ("max_to_keep", 0),
+    ("keep_every_n_hours", "6"),
+    ("async_save", "yes"),
+    ("storage_options", "key=x"),
+    ("interval", -1),  # each entry point names its own time interval
+])
+def test_a_bad_shared_option_gives_the_same_message_from_every_entry_point(tmp_path: Path, option: str,
+                                                                            bad: object) -> None:
+    keras_cb = pytest.importorskip("autockpt.integrations.keras").AutoCheckpoint
+    lightning_cb = pytest.importorskip("autockpt.integrations.lightning").AutoCheckpoint
+    hf_cb = pytest.importorskip("autockpt.integrations.transformers").AutoCheckpoint
+    interval = {"manager": "save_interval_seconds", "resume": "every_n_seconds", "keras": "save_every_seconds",
+                "lightning": "train_time_interval", "transformers": "save_every_seconds"}
+    makers = {"manager": autockpt.CheckpointManager, "resume": autockpt.resume, "keras": keras_cb,
+              "lightning": lightning_cb, "transformers": hf_cb}
+    messages = {}
+    for where, make in makers.items():
+        if where == "lightning" and option == "async_save":
+            continue  # the Lightning callback has no async_save
+        name = interval[where] if option == "interval" else option
+        kwargs: dict[str, object] = {"directory": str(tmp_path / where), name: bad}
+        with pytest.raises(InvalidArgumentError) as info:
+            make(**kwargs)
+        messages[where] = str(info.value).replace(name, "<option>")
+    assert len(set(messages.values())) == 1, messages
+    assert repr(bad) in messages["manager"]
+    assert list(tmp_path.iterdir()) == []  # refused before anything was created

@@ -126,6 +126,29 @@ def test_falls_back_past_a_damaged_newest_checkpoint(storage: tuple[str, dict[st
     assert autockpt.load(url, storage_options=opts)["w"][0] == 1.0
 
 
+def test_latest_step_skips_a_checkpoint_that_fails_its_checksum(storage: tuple[str, dict[str, Any]],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    url, opts = storage
+    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+        mgr.save(1, {"w": torch.full((4,), 1.0)})
+        mgr.save(2, {"w": torch.full((4,), 2.0)})
+        _damage_payload(url, opts, 2)  # same size, one byte flipped: only the checksum can tell
+        with caplog.at_level(logging.WARNING, logger="autockpt"):
+            assert mgr.latest_step == 1  # the manager that wrote it verifies too
+    assert any("step_0000000002" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+    fresh = autockpt.CheckpointManager(url, storage_options=opts)
+    assert fresh.latest_step == 1 and fresh.latest_step == 1
+    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+        mgr.save(3, {"w": torch.full((4,), 3.0)})
+    # checksums are read once per manager: damage after that is what restore's own full check catches
+    reader = autockpt.CheckpointManager(url, storage_options=opts)
+    assert reader.latest_step == 3
+    _damage_payload(url, opts, 3)
+    assert reader.latest_step == 3  # the documented, cheaper guarantee: sizes only after the first check
+    target = {"w": torch.zeros(4)}
+    assert reader.restore(target) == 1 and torch.equal(target["w"], torch.full((4,), 1.0))
+
+
 def test_mismatch_raises_before_anything_is_copied(tmp_path: Path) -> None:
     model, opt, _ = _objects()
     with autockpt.CheckpointManager(tmp_path) as mgr:

@@ -306,13 +306,28 @@ def test_trainer_internals_this_integration_needs_still_exist(tmp_path: Path) ->
         late.train()
 
 
-def _tiny_trainer(tmp_path: Path, callbacks: list[Any] | None = None, **args: Any) -> Trainer:
+def test_an_optimizer_that_does_not_fit_leaves_the_model_untouched(tmp_path: Path) -> None:
+    cb = hf.AutoCheckpoint(str(tmp_path / "ckpt"), save_steps=1)
+    _tiny_trainer(tmp_path, callbacks=[cb], save_strategy="no").train()  # AdamW: decay and no-decay groups
+    torch.manual_seed(123)
+    trainer = _tiny_trainer(tmp_path, callbacks=[hf.AutoCheckpoint(str(tmp_path / "ckpt"))], save_strategy="no",
+                            optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.1))  # one group
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(StateMismatchError, match="does not fit this optimizer"):
+        trainer.train()
+    after = trainer.model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []  # not half-restored
+
+
+def _tiny_trainer(tmp_path: Path, callbacks: list[Any] | None = None, optimizer: Any = None, **args: Any
+                  ) -> Trainer:
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 16, (8, 8))]
     return Trainer(model, TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=2, **args),
-                   train_dataset=data, eval_dataset=data, callbacks=callbacks)
+                   train_dataset=data, eval_dataset=data, callbacks=callbacks,
+                   optimizers=(None if optimizer is None else optimizer(model), None))
 
 
 @pytest.mark.parametrize("strategy,needle", [("steps", "save_strategy='no'"), ("best", "cancels every save")])

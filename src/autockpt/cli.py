@@ -225,6 +225,14 @@ def _infos(storage: Storage, steps: Sequence[int]) -> tuple[list[CheckpointInfo]
     return infos, manifests
 
 
+def _recorded_policy(manifests: dict[int, Any]) -> RetentionPolicy | None:
+    """The retention policy recorded in the newest manifest that reads; None if it has none (older autockpt)."""
+    for step in sorted(manifests, reverse=True):
+        if isinstance(manifests[step], dict):
+            return RetentionPolicy.from_json(manifests[step].get("retention"))
+    return None
+
+
 def _sizes_ok(storage: Storage, step: int, manifest: dict[str, Any]) -> str | None:
     """None if every payload file has its recorded size, else what is wrong."""
     try:
@@ -248,9 +256,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     steps = sorted(listing.committed)
     infos, manifests = _infos(storage, steps)
     explicit = args.max_to_keep is not None or args.keep_every_n_hours is not None or args.keep_best is not None
+    recorded = None if explicit else _recorded_policy(manifests)
     if args.max_to_keep is None:
         args.max_to_keep = 1
-    reasons = _policy(args).reasons(infos)
+    reasons = (recorded or _policy(args)).reasons(infos)
+    explicit = explicit or recorded is not None
     rows = [["STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS", "KEPT"]]
     tiers: dict[int, str] = {}
     if isinstance(storage, TieredStorage):  # --local-dir: where each step is
@@ -585,27 +595,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ls", parents=[common, retention], help="list checkpoints",
                        description="List every checkpoint: step, time, size, metrics, status and why a "
-                                   "retention policy keeps it. Without retention options only the newest is marked "
-                                   "'newest'; pass the run's options to see what its manager would keep. Status "
-                                   "checks file sizes; --verify also checks checksums. Exit 1 if one is damaged.")
+                                   "retention policy keeps it (KEPT; 'prunable' if the policy would delete it). "
+                                   "The policy is the run's own, as recorded in its newest manifest; retention "
+                                   "options replace it (checkpoints written by an older autockpt record none: "
+                                   "then only the newest is marked unless options are given). Status checks file "
+                                   "sizes; --verify also checks checksums. Exit 1 if one is damaged.")
     s.add_argument("url", help="the checkpoint directory (a path or fsspec URL)")
     s.add_argument("--max-to-keep", type=_positive_int, default=None, metavar="K",
-                   help="the K newest are marked 'newest' (default 1); with any retention option, the "
-                        "checkpoints the policy would delete are marked 'prunable'")
+                   help="the K newest are marked 'newest' (default: the run's recorded policy, else 1); any "
+                        "retention option replaces the recorded policy")
     s.add_argument("--verify", action="store_true", help="read every checkpoint and check its checksums")
     s.add_argument("--local-dir", default=None, metavar="DIR",
                    help="the run's local tier: also list its copies and show where each step is "
                         "(local, remote, both, uploading)")
     s.set_defaults(func=cmd_ls)
 
-    s = sub.add_parser("show", parents=[common], help="one checkpoint's manifest in human form")
-    s.add_argument("url")
+    s = sub.add_parser("show", parents=[common], help="one checkpoint's manifest in human form",
+                       description="Print one checkpoint's manifest in human form: step, times, size, metrics, "
+                                   "metadata, library versions, files with their checksums, and the state tree with "
+                                   "each tensor's dtype and shape. Reads the manifest only (no checksums are "
+                                   "checked: use verify for that); --json prints it as JSON.")
+    s.add_argument("url", help="the checkpoint directory (a path or fsspec URL)")
     s.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("verify", parents=[common], help="check sizes and checksums (exit 0 only if all verify)")
-    s.add_argument("url")
+    s = sub.add_parser("verify", parents=[common], help="check sizes and checksums (exit 0 only if all verify)",
+                       description="Read a checkpoint (default: the newest committed one; --step N; --all for every "
+                                   "one) and check its manifest, every file's size and xxh3-64 checksum, and that "
+                                   "the safetensors headers agree with the manifest. Prints one line per checkpoint. "
+                                   "Exit status: 0 if all verify, 1 if one does not, 2 for a bad argument or a "
+                                   "missing directory or step.")
+    s.add_argument("url", help="the checkpoint directory (a path or fsspec URL)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
     g.add_argument("--all", action="store_true", help="every committed checkpoint")

@@ -2,7 +2,8 @@
 
 ``check`` compares the target state with the checkpoint's tree (tensors as :class:`TensorMeta`
 placeholders, no data read) and raises :class:`~autockpt.errors.StateMismatchError` naming every missing,
-unexpected or mismatched key. Only then ``apply`` copies values: tensors with ``copy_``/``copyto`` into the
+unexpected or mismatched key (a stateful object of the state may name its keys for people: see
+:func:`check`). Only then ``apply`` copies values: tensors with ``copy_``/``copyto`` into the
 existing storage (parameters keep their identity), stateful objects through ``load_state_dict``, plain
 values by replacing them in their container.
 
@@ -42,59 +43,78 @@ def _stateful_node(node: Any) -> Any:
 
 
 class _Checker:
-    def __init__(self) -> None:
+    def __init__(self, describers: Mapping[str, Callable[[str], Any]]) -> None:
+        self.describers = describers  # top-level key -> its object's describe_key
         self.missing: list[str] = []
         self.unexpected: list[str] = []
         self.mismatched: list[str] = []
 
+    def _label(self, path: tuple[Any, ...]) -> str:
+        """The key path, followed by the name its object gives it (``model/0000 dense/kernel``), if any."""
+        text = _p(path)
+        describe = self.describers.get(path[0]) if len(path) > 1 else None
+        name = describe(_p(path[1:])) if describe is not None else None
+        return f"{text} {name}" if isinstance(name, str) and name else text
+
     def compare(self, target: Any, saved: Any, path: tuple[Any, ...]) -> None:
         if is_tensor(target):
             if not isinstance(saved, TensorMeta):
-                self.mismatched.append(f"{_p(path)} (expected a tensor, the checkpoint has {type(saved).__name__})")
+                self.mismatched.append(
+                    f"{self._label(path)} (expected a tensor, the checkpoint has {type(saved).__name__})"
+                )
                 return
             dtype, shape = tensor_dtype_code(target), tuple(int(d) for d in target.shape)
             if (dtype, shape) != (saved.dtype, saved.shape):
                 self.mismatched.append(
-                    f"{_p(path)} (target {dtype}{list(shape)}, checkpoint {saved.dtype}{list(saved.shape)})"
+                    f"{self._label(path)} (target {dtype}{list(shape)}, checkpoint {saved.dtype}{list(saved.shape)})"
                 )
         elif isinstance(target, Mapping):
             if not isinstance(saved, Mapping):
                 if _has_tensors(target):
-                    self.mismatched.append(f"{_p(path)} (expected a mapping, got {type(saved).__name__})")
+                    self.mismatched.append(f"{self._label(path)} (expected a mapping, got {type(saved).__name__})")
                 return
             flat = len(target) > 0 and all(is_tensor(v) for v in target.values())
             if flat:  # a module-like state dict: every key must be there, nothing more
-                self.missing += [_p((*path, k)) for k in target if k not in saved]
-                self.unexpected += [_p((*path, k)) for k in saved if k not in target]
+                self.missing += [self._label((*path, k)) for k in target if k not in saved]
+                self.unexpected += [self._label((*path, k)) for k in saved if k not in target]
             if "param_groups" in target and "param_groups" in saved:  # an optimizer
                 tg, sg = target["param_groups"], saved["param_groups"]
                 if not isinstance(sg, list) or len(tg) != len(sg) or any(
                     len(a.get("params", ())) != len(b.get("params", ()) if isinstance(b, Mapping) else ())
                     for a, b in zip(tg, sg, strict=False)
                 ):
-                    self.mismatched.append(f"{_p((*path, 'param_groups'))} (parameter groups or their sizes differ)")
+                    self.mismatched.append(
+                        f"{self._label((*path, 'param_groups'))} (parameter groups or their sizes differ)"
+                    )
             for k in target:
                 if k in saved:
                     self.compare(target[k], saved[k], (*path, k))
         elif isinstance(target, (list, tuple)):
             if not isinstance(saved, (list, tuple)):
                 if _has_tensors(target):
-                    self.mismatched.append(f"{_p(path)} (expected a sequence, got {type(saved).__name__})")
+                    self.mismatched.append(f"{self._label(path)} (expected a sequence, got {type(saved).__name__})")
                 return
             if _has_tensors(target) and len(target) != len(saved):
-                self.mismatched.append(f"{_p(path)} (length {len(target)} vs {len(saved)} in the checkpoint)")
+                self.mismatched.append(f"{self._label(path)} (length {len(target)} vs {len(saved)} in the checkpoint)")
                 return
             for i, (t, s) in enumerate(zip(target, saved, strict=False)):
                 self.compare(t, s, (*path, i))
 
 
 def check(state: Mapping[str, Any], tree: Mapping[str, Any], metas: Mapping[str, TensorMeta]) -> None:
-    """Raise StateMismatchError unless the checkpoint tree fits ``state``. Reads no tensor data."""
+    """Raise StateMismatchError unless the checkpoint tree fits ``state``. Reads no tensor data.
+
+    The error lists key paths (``model/0003``). A stateful object of ``state`` that stores its values under
+    keys people cannot read may have a method ``describe_key(key) -> str | None`` (``key`` is the path inside
+    its ``state_dict()``, joined by "/"): its answer follows the path in messages (``model/0003
+    dense/kernel``). It names things for people only; what is stored and compared is the key.
+    """
 
     def meta(name: str, like: Any) -> TensorMeta:
         return metas[name]
 
-    c = _Checker()
+    describers = {k: v.describe_key for k, v in state.items() if callable(getattr(v, "describe_key", None))}
+    c = _Checker(describers)
     c.missing += [k for k in state if k not in tree]
     c.unexpected += [k for k in tree if k not in state]
     for key, target in state.items():

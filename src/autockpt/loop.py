@@ -58,7 +58,7 @@ from autockpt.data import ResumableLoader, is_plain_dataloader
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.manager import CheckpointManager
-from autockpt.options import ManagerOptions
+from autockpt.options import ManagerOptions, check_directory, check_positive
 from autockpt.per_rank import PerRank
 from autockpt.preemption import DEFAULT_SIGNALS, Preempted, PreemptionWatcher
 from autockpt.rng import RNGState
@@ -111,13 +111,14 @@ class Run:
         signals: Iterable[int | str],
         catch_sigint: bool,
         manager_options: dict[str, Any],
+        cloud_notices: bool = True,
     ) -> None:
         self.state = state
         self.state["loop"] = _Progress(self)
         self.manager = CheckpointManager(
             directory, save_interval_steps=every_n_steps, save_interval_seconds=every_n_seconds, **manager_options
         )
-        self._watcher = PreemptionWatcher(signals, catch_sigint=catch_sigint)
+        self._watcher = PreemptionWatcher(signals, catch_sigint=catch_sigint, cloud_notices=cloud_notices)
         self.step = 0
         self.restored = False
         self.preempted = False
@@ -432,6 +433,7 @@ def resume(
     rng: bool = True,
     signals: Iterable[int | str] = DEFAULT_SIGNALS,
     catch_sigint: bool = True,
+    cloud_notices: bool = True,
     **manager_options: Any,
 ) -> Run:
     """Restore the newest valid checkpoint of ``directory`` on entry (or start fresh), save as the loop goes.
@@ -452,6 +454,8 @@ def resume(
             ``torch.distributed`` every rank's own (``autockpt.PerRank``), restored into the same rank.
         signals: the signals that mean "preempted: save and stop" (default SIGTERM and SIGUSR1).
         catch_sigint: treat the first Ctrl-C the same way (a second one interrupts at once).
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as the first of ``signals`` (see ``autockpt.cloud_notice``); ``False`` turns it off.
         **manager_options: passed to :class:`~autockpt.CheckpointManager`: ``max_to_keep``, ``keep_best``,
             ``keep_every_n_hours``, ``async_save``, ``storage_options``, ``local_dir``, ``local_max_to_keep``,
             ``upload_deadline_s`` (a fast local tier in front of ``directory``: README "Preemptible machines").
@@ -467,12 +471,9 @@ def resume(
     assert run.step == 50 and run.manager.latest_step == 50
     ```
     """
-    for name, value in (("every_n_steps", every_n_steps), ("every_n_seconds", every_n_seconds)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-            name == "every_n_steps" and not isinstance(value, int)
-        )):
-            kind = "int" if name == "every_n_steps" else "number"
-            raise InvalidArgumentError(f"{name} must be a positive {kind} or None, got {value!r}")
+    check_directory(directory)
+    check_positive("every_n_steps", every_n_steps, int)
+    check_positive("every_n_seconds", every_n_seconds, float)
     if every_n_steps is None and every_n_seconds is None:
         every_n_seconds = DEFAULT_EVERY_N_SECONDS
     unknown = sorted(set(manager_options) - set(_MANAGER_OPTIONS))
@@ -524,4 +525,5 @@ def resume(
         full[key] = obj
     if not full:
         raise InvalidArgumentError("nothing to checkpoint: pass model=, optimizer=, state= or rng=True")
-    return Run(directory, full, every_n_steps, every_n_seconds, signals, catch_sigint, dict(manager_options))
+    return Run(directory, full, every_n_steps, every_n_seconds, signals, catch_sigint, dict(manager_options),
+               cloud_notices)

@@ -27,6 +27,7 @@ from autockpt.errors import (
     SaveError,
 )
 from autockpt.format import (
+    CHECKSUM,
     TensorEntry,
     TreeEncoder,
     json_plain,
@@ -150,6 +151,7 @@ class CheckpointManager:
         self.storage = open_storage(directory, dict(storage_options or {}), local_dir, local_max_to_keep)
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
+        self._verified: set[tuple[Any, ...]] = set()  # identities of checkpoints whose checksums matched once
         self._last_save_time = time.monotonic()
         self.shard_bytes = 512 * 2**20
         self._background = BackgroundSaver()  # async_save: host staging buffers and the writing thread
@@ -195,15 +197,31 @@ class CheckpointManager:
         self._wait()
         return self.storage.durable_step
 
+    @staticmethod
+    def _identity(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
+        """What names one written checkpoint: its step, creation time and every file's size and checksum."""
+        files = tuple(sorted((n, f["size"], f[CHECKSUM]) for n, f in manifest["files"].items()))
+        return manifest["step"], manifest["created"], files
+
+    def _verify_once(self, step: int) -> None:
+        """Sizes on every call; the full checksums only the first time this manager sees this checkpoint."""
+        manifest = self._manifest(step)
+        check_sizes(self.storage, step, manifest)
+        if self._identity(manifest) not in self._verified:
+            open_checkpoint(self.storage, step, manifest).close()  # reads every byte once; raises if damaged
+            self._verified.add(self._identity(manifest))
+
     @property
     def latest_step(self) -> int | None:
-        """The newest committed checkpoint whose manifest verifies and whose files have their recorded sizes.
+        """The newest committed checkpoint that verifies: its manifest, file sizes and checksums.
 
-        ``restore`` also verifies every checksum, and falls back past a checkpoint that fails.
+        Each checkpoint's checksums are read once per manager (``restore``'s verification counts); later
+        calls check the manifest and file sizes only, so a checkpoint damaged in place after that is caught by
+        ``restore``, which verifies every checksum again and falls back past a checkpoint that fails.
         """
         self._wait()
         steps = sorted(self._coord.broadcast_from_writer(self.storage.scan().committed), reverse=True)
-        found = newest_that_verifies(steps, lambda s: self._coord.run_raising_everywhere(self._check_files, s))
+        found = newest_that_verifies(steps, lambda s: self._coord.run_raising_everywhere(self._verify_once, s))
         return None if found is None else found[0]
 
     def should_save(self, step: int) -> bool:
@@ -352,7 +370,8 @@ class CheckpointManager:
             with ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
                 manifest = self._coord.write(
                     self.storage, step, entries, self.shard_bytes,
-                    lambda files, tensors: new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+                    lambda files, tensors: {**new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
+                                            "retention": self.policy.to_json()},  # what `autockpt ls` shows
                     on_bytes=bar.update if bar.active else None,
                 )
             files = manifest["files"]
@@ -514,6 +533,7 @@ class CheckpointManager:
         if found is None:
             return None
         s, ckpt = found
+        self._verified.add(self._identity(ckpt.manifest))
         size = sum(f["size"] for f in ckpt.manifest["files"].values())
         targets = per_rank.unwrap(state)
         with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:

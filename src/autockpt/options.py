@@ -1,8 +1,10 @@
 """The options of a ``CheckpointManager``, checked in one place, with one error text for every entry point.
 
 One job: validate options early (in ``__init__``) and raise :class:`~autockpt.errors.InvalidArgumentError` naming
-the option, what it got and what it takes. The manager, ``autockpt.resume`` and the CLI use it; the callbacks
-can call the same checkers (``check_positive``, ``check_bool``). In the spirit of Orbax's
+the option, what it got and what it takes. The manager, ``autockpt.resume``, the Keras, Lightning and
+Transformers callbacks and the CLI use it: an option they share with the manager is checked by the same code,
+so the same bad value gives the same message from each (an interval named differently, such as
+``every_n_seconds``, goes through the same ``check_positive`` under its own name). In the spirit of Orbax's
 ``CheckpointManagerOptions``. Imports ``autockpt.errors`` and ``autockpt.retention``.
 """
 
@@ -24,13 +26,20 @@ def check_positive(name: str, value: Any, kind: type) -> None:
         return
     ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
     if not ok or value <= 0 or (kind is float and not math.isfinite(value)):
-        raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
+        what = "number" if kind is float else kind.__name__
+        raise InvalidArgumentError(f"{name} must be a positive {what} or None, got {value!r}")
 
 
 def check_bool(name: str, value: Any) -> None:
     """``value`` is True or False; else raise."""
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
+
+
+def check_storage_options(value: Any) -> None:
+    """``value`` is a mapping of fsspec options or None; else raise."""
+    if value is not None and not isinstance(value, Mapping):
+        raise InvalidArgumentError(f"storage_options must be a dict or None, got {value!r}")
 
 
 def check_directory(directory: Any) -> None:
@@ -75,8 +84,7 @@ class ManagerOptions:
         check_positive("save_interval_steps", self.save_interval_steps, int)
         check_positive("save_interval_seconds", self.save_interval_seconds, float)
         check_bool("async_save", self.async_save)
-        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {self.storage_options!r}")
+        check_storage_options(self.storage_options)
         check_positive("max_consecutive_failures", self.max_consecutive_failures, int)
         check_bool("progress", self.progress)
         if self.rank_timeout is None:

@@ -95,6 +95,32 @@ class RetentionPolicy:
                 f"keep_best must be an autockpt.KeepBest(metric, mode, k) or None, got {self.keep_best!r}"
             )
 
+    def to_json(self) -> dict[str, Any]:
+        """The policy as plain JSON, as recorded in every manifest (field ``retention``)."""
+        kb = self.keep_best
+        return {"max_to_keep": self.max_to_keep, "keep_every_n_hours": self.keep_every_n_hours,
+                "keep_best": None if kb is None else {"metric": kb.metric, "mode": kb.mode, "k": kb.k}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RetentionPolicy | None:
+        """The policy a manifest recorded; None if it recorded none (older manifests) or a malformed one.
+
+        ```python
+        from autockpt.retention import KeepBest, RetentionPolicy
+        p = RetentionPolicy(3, None, KeepBest("val_loss", "min", 2))
+        assert RetentionPolicy.from_json(p.to_json()) == p
+        assert RetentionPolicy.from_json(None) is None
+        ```
+        """
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            kb = data.get("keep_best")
+            keep_best = None if kb is None else KeepBest(kb["metric"], kb["mode"], kb["k"])
+            return cls(data.get("max_to_keep"), data.get("keep_every_n_hours"), keep_best)
+        except (InvalidArgumentError, KeyError, TypeError):
+            return None
+
     def reasons(self, checkpoints: Iterable[CheckpointInfo]) -> dict[int, list[str]]:
         """For every checkpoint to keep, why: 'newest', 'every-n-hours', 'best'. Absent steps may go."""
         cps = sorted(checkpoints, key=lambda c: c.step)

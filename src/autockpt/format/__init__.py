@@ -3,7 +3,9 @@
 A checkpoint directory holds ``tensors.safetensors`` (every tensor, named by its key path, readable with
 ``safetensors.safe_open``) and ``manifest.json``. The manifest is written last; it records the state tree
 with every plain value, each tensor's dtype, shape and byte range, each file's size and xxh3-64 checksum,
-metrics, user metadata and library versions, and a checksum of itself. Nothing here is ever pickled.
+metrics, user metadata and library versions, and a checksum of itself. Optional fields (older manifests lack
+them): ``retention``, the retention policy of the manager that wrote it (``max_to_keep``,
+``keep_every_n_hours``, ``keep_best``: ``{metric, mode, k}`` or null). Nothing here is ever pickled.
 
 State tree nodes in the manifest: ``null``/``true``/``false``, integers, strings, finite floats and JSON
 lists stand for themselves; every JSON object is a tagged node ``{"type": ...}``: ``tensor``, ``tuple``,

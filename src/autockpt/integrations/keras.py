@@ -25,6 +25,7 @@ from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.format import is_stateful
 from autockpt.integrations import _keras_internals as internals
 from autockpt.manager import CheckpointManager
+from autockpt.options import check_bool, check_directory, check_positive
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -65,6 +66,11 @@ class VariablesState:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"{i:04d}": _np(v) for i, v in enumerate(self.variables)}
+
+    def describe_key(self, key: str) -> str | None:
+        """The path of the variable stored under ``key`` (``"0000"`` -> ``"dense/kernel"``), for messages."""
+        i = int(key) if key.isdigit() else -1
+        return str(self.variables[i].path) if 0 <= i < len(self.variables) else None
 
     def _check(self, state: dict[str, Any]) -> list[np.ndarray]:
         keys = [f"{i:04d}" for i in range(len(self.variables))]
@@ -257,24 +263,15 @@ def keras_state(model: Any, _strict: bool = False) -> dict[str, Any]:
 _KEY = re.compile(r"^(model|optimizer)/(\d+)\b")
 
 
-def _name_variables(error: StateMismatchError, state: dict[str, Any]) -> StateMismatchError:
-    """``error`` with ``model/0003`` (the stored key) named by the variable's path, ``model/0003 dense/kernel``.
+def _name_variables(error: StateMismatchError) -> StateMismatchError:
+    """``error`` restated for a Keras user, with what to do; its keys already name each variable by its path
+    (``model/0003 dense/kernel``: ``VariablesState.describe_key``).
 
     Keys stay numbered on storage: Keras' auto-generated paths (``dense_1``) change with what else the
     process built, so they cannot identify a variable across processes, but they name it for a person.
     """
-
-    def named(entry: str) -> str:
-        m = _KEY.match(entry)
-        if m is None:
-            return entry
-        variables = state[m.group(1)].variables
-        i = int(m.group(2))
-        path = variables[i].path if i < len(variables) else "(beyond the model's last variable)"
-        return f"{m.group(0)} {path}{entry[m.end():]}"
-
-    lists = {what: [named(e) for e in getattr(error, what)] for what in ("missing", "unexpected", "mismatched")}
-    if all(lists[what] == getattr(error, what) for what in lists):  # nothing numbered (e.g. the metrics' check)
+    lists = {what: list(getattr(error, what)) for what in ("missing", "unexpected", "mismatched")}
+    if not any(_KEY.match(e) for keys in lists.values() for e in keys):  # nothing numbered (the metrics' check)
         return error
     parts = [f"{what}: {', '.join(keys[:20])}" + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
              for what, keys in lists.items() if keys]
@@ -310,6 +307,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
             teardown, so that a scheduler requeues the job and code after ``fit`` does not run on a
             half-trained model. ``False`` (notebooks) lets ``fit`` return; ``preempted`` and ``exit_code``
             tell what happened either way.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     Restores, at the start of ``fit``: model variables (weights, seed generators), optimizer variables
     (iterations, so learning-rate schedules continue; moments), the epoch and the batch inside it, the
@@ -348,8 +347,11 @@ class AutoCheckpoint(keras.callbacks.Callback):
         signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_preemption: bool = True,
         local_dir: str | os.PathLike[str] | None = None,
+        cloud_notices: bool = True,
     ) -> None:
         super().__init__()
+        check_directory(directory)
+        check_positive("save_every_seconds", save_every_seconds, float)  # passed on as save_interval_seconds
         if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
                                          and save_freq > 0)):
             raise InvalidArgumentError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
@@ -357,13 +359,13 @@ class AutoCheckpoint(keras.callbacks.Callback):
             raise InvalidArgumentError(f"monitor must be a metric name such as 'val_loss' or None, got {monitor!r}")
         if mode not in ("auto", "min", "max"):
             raise InvalidArgumentError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if not isinstance(exit_on_preemption, bool):
-            raise InvalidArgumentError(f"exit_on_preemption must be True or False, got {exit_on_preemption!r}")
+        check_bool("exit_on_preemption", exit_on_preemption)
         best = KeepBest(monitor, _mode_for(monitor, mode), keep_best) if monitor is not None else None  # type: ignore[arg-type]
         self.save_freq = save_freq
         self.monitor = monitor
         self.exit_on_preemption = exit_on_preemption
-        self.watcher = PreemptionWatcher(signals)
+        self.watcher = PreemptionWatcher(signals, cloud_notices=cloud_notices)
+        self.cloud_notices = cloud_notices
         self.manager = CheckpointManager(
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
             save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
@@ -458,7 +460,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         try:
             self.restored_step = self.manager.restore(self._state)
         except StateMismatchError as e:
-            raise _name_variables(e, self._state) from None
+            raise _name_variables(e) from None
         where = self.manager.directory
         if self.restored_step is None:
             log.info("autockpt: no checkpoint in %s; starting fresh", where)
@@ -509,7 +511,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.preempted = False
         internals.set_initial_epoch(self.model, None)  # nothing left from a fit that raised
         internals.skip_validation(self.model, False)
-        self.watcher = PreemptionWatcher(self.watcher.signals).install()  # first: a signal in the restore counts
+        # first: a signal in the restore counts
+        self.watcher = PreemptionWatcher(self.watcher.signals, cloud_notices=self.cloud_notices).install()
         try:
             self._fit = internals.find_fit_locals(self.model)
             self._state = keras_state(self.model, _strict=True)

@@ -66,9 +66,10 @@ from autockpt.errors import (
 )
 from autockpt.format import TreeEncoder, is_stateful
 from autockpt.manager import CheckpointManager
+from autockpt.options import ManagerOptions, check_bool, check_directory, check_positive
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
 from autockpt.reader import load
-from autockpt.retention import KeepBest, RetentionPolicy
+from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
 
 log = logging.getLogger("autockpt")
@@ -285,14 +286,6 @@ _NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before t
 # --------------------------------------------------------------------------------- the callback
 
 
-def _positive(name: str, value: Any, kind: type) -> None:
-    if value is None:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int) and value > 0
-    if not ok:
-        raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
-
-
 class AutoCheckpoint(_Base):
     """Saves the full Lightning training state with autockpt, and resumes from it with no ``ckpt_path``.
 
@@ -315,6 +308,8 @@ class AutoCheckpoint(_Base):
             with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
             requeue the job and code after ``fit`` does not run on a half-trained model. ``False`` (notebooks):
             ``fit`` returns; check ``preempted``/``exit_code``.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     After ``fit``: ``restored_step`` is the step it resumed from (``None`` for a fresh start), ``preempted`` says
     whether a signal stopped the run (the checkpoint was written; run the same ``fit`` again to continue) and
@@ -355,27 +350,26 @@ class AutoCheckpoint(_Base):
         preemption_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
         exit_on_preemption: bool = True,
         local_dir: str | os.PathLike[str] | None = None,
+        cloud_notices: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
-        _positive("every_n_train_steps", every_n_train_steps, int)
-        _positive("every_n_epochs", every_n_epochs, int)
+        check_directory(directory)
+        check_positive("every_n_train_steps", every_n_train_steps, int)
+        check_positive("every_n_epochs", every_n_epochs, int)
         if isinstance(train_time_interval, datetime.timedelta):
             train_time_interval = train_time_interval.total_seconds()
             if train_time_interval <= 0:
                 raise InvalidArgumentError("train_time_interval must be a positive timedelta or number of seconds")
-        _positive("train_time_interval", train_time_interval, float)
+        check_positive("train_time_interval", train_time_interval, float)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise InvalidArgumentError(f"monitor must be a metric name (str) or None, got {monitor!r}")
         if monitor is None and (save_top_k != 1 or mode != "min"):
             raise InvalidArgumentError("mode and save_top_k need monitor='<logged metric name>' to rank checkpoints by")
-        if not isinstance(exit_on_preemption, bool):
-            raise InvalidArgumentError(f"exit_on_preemption must be True or False, got {exit_on_preemption!r}")
+        check_bool("exit_on_preemption", exit_on_preemption)
         keep_best = KeepBest(monitor, mode=mode, k=save_top_k) if monitor is not None else None  # type: ignore[arg-type]
-        self._policy = RetentionPolicy(max_to_keep, keep_every_n_hours, keep_best)  # validates the options
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
+        # the options shared with the manager, checked by the manager's own checkers (the same error texts)
+        self._policy = ManagerOptions(max_to_keep, keep_every_n_hours, keep_best,
+                                      storage_options=storage_options).policy
         if every_n_train_steps is None and train_time_interval is None and every_n_epochs is None:
             every_n_epochs = 1
         self.directory = os.fspath(directory)
@@ -386,7 +380,8 @@ class AutoCheckpoint(_Base):
         self.storage_options = dict(storage_options or {})
         self.local_dir = local_dir
         self.exit_on_preemption = exit_on_preemption
-        self._watcher = _Watcher(preemption_signals) if preemption_signals is not None else None
+        self._watcher = (_Watcher(preemption_signals, cloud_notices=cloud_notices)
+                         if preemption_signals is not None else None)
         self.restored_step: int | None = None
         self.preempted = False
         self.signal: int | None = None

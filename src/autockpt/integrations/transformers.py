@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -54,6 +53,7 @@ import xxhash
 
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.manager import CheckpointManager
+from autockpt.options import ManagerOptions, check_bool, check_directory, check_positive
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -138,20 +138,6 @@ def _content_hash(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {"xxh3_64": h.hexdigest(), "tensors": len(tensors), "bytes": nbytes}
 
 
-def _check_positive(name: str, value: Any, kind: type, what: str) -> None:
-    if value is None:
-        return
-    numeric = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, numeric) or value <= 0 or (
-            kind is float and not math.isfinite(value)):
-        raise InvalidArgumentError(f"{name} must be {what} or None, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
-
-
 # --------------------------------------------------------------------------------- the callback
 
 
@@ -177,6 +163,8 @@ class AutoCheckpoint(TrainerCallback):
         exit_on_preemption: after a SIGTERM/SIGUSR1 stopped ``train()``, exit the process with ``128 + signal``
             once ``train()`` has finished its teardown (so a scheduler restarts it). With False, ``train()``
             returns and ``preempted``/``exit_code`` tell what happened.
+        cloud_notices: on AWS, GCP or Azure, also watch the instance metadata for a spot/preemption notice
+            and treat it as SIGTERM (see ``autockpt.cloud_notice``); ``False`` turns that off.
 
     Pass it in ``Trainer(callbacks=[...])`` (not ``add_callback`` later): it needs to see the Trainer being
     built. After ``train()``: ``restored_step`` (None for a fresh start), ``preempted``, ``exit_code``.
@@ -209,26 +197,23 @@ class AutoCheckpoint(TrainerCallback):
         async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         exit_on_preemption: bool = True,
+        cloud_notices: bool = True,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise InvalidArgumentError(f"directory must be a non-empty path or URL string, got {directory!r}")
-        _check_positive("save_steps", save_steps, int, "a positive int (steps)")
-        _check_positive("save_every_seconds", save_every_seconds, float, "a positive number of seconds")
-        _check_positive("max_to_keep", max_to_keep, int, "a positive int")
-        _check_positive("keep_every_n_hours", keep_every_n_hours, float, "a positive number of hours")
+        check_directory(directory)
+        check_positive("save_steps", save_steps, int)
+        check_positive("save_every_seconds", save_every_seconds, float)
+        # the options shared with the manager, checked by the manager's own checkers (the same error texts)
+        ManagerOptions(max_to_keep, keep_every_n_hours, async_save=async_save, storage_options=storage_options)
         if metric_for_best is not None and (not isinstance(metric_for_best, str) or not metric_for_best):
             raise InvalidArgumentError(
                 f"metric_for_best must be an evaluation metric name such as 'loss' or 'eval_accuracy', "
                 f"or None, got {metric_for_best!r}")
         if greater_is_better is not None:
-            _check_bool("greater_is_better", greater_is_better)
+            check_bool("greater_is_better", greater_is_better)
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
             raise InvalidArgumentError(f"keep_best must be a positive int (how many best checkpoints), got "
                                        f"{keep_best!r}")
-        _check_bool("async_save", async_save)
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise InvalidArgumentError(f"storage_options must be a dict or None, got {storage_options!r}")
-        _check_bool("exit_on_preemption", exit_on_preemption)
+        check_bool("exit_on_preemption", exit_on_preemption)
         if save_steps is None and save_every_seconds is None:
             save_every_seconds = DEFAULT_EVERY_N_SECONDS
         self.directory = os.fspath(directory)
@@ -250,7 +235,7 @@ class AutoCheckpoint(TrainerCallback):
         self.signal: int | None = None
         self._trainer: Any = None
         self._manager: CheckpointManager | None = None
-        self._watcher = PreemptionWatcher()
+        self._watcher = PreemptionWatcher(cloud_notices=cloud_notices)
         self._marker: str | None = None  # the resume_from_checkpoint we hand Trainer; a temporary directory
         self._pending: dict[str, Any] = {}  # restored state waiting for the moment Trainer loads it
         self._frozen_hash: dict[str, Any] | None = None
@@ -285,7 +270,7 @@ class AutoCheckpoint(TrainerCallback):
         originals = {name: getattr(trainer, name) for name in ("train", *_TRAINER_METHODS)}
         mine: dict[str, Callable[..., Any]] = {
             "_save_checkpoint": lambda model, trial=None, *a, **k: self._save(trainer),
-            "_load_from_checkpoint": lambda checkpoint, model=None: None,  # the weights came in train()
+            "_load_from_checkpoint": lambda checkpoint, model=None: None,  # ours come with the optimizer
             "_load_optimizer_and_scheduler": lambda checkpoint: self._load_optimizer_and_scheduler(trainer),
             "_load_scaler": lambda checkpoint: self._load_scaler(trainer),
             "_load_rng_state": lambda checkpoint: self._load_rng(),
@@ -392,7 +377,7 @@ class AutoCheckpoint(TrainerCallback):
                 f"the checkpoint of step {step} in {self.directory} was not written by "
                 "autockpt.integrations.transformers.AutoCheckpoint (no Trainer state in it); use an empty "
                 "directory for this run")
-        self._load_model(trainer.model, saved, step)
+        self._check_model(trainer.model, saved, step)  # the weights are copied once the optimizer fits too
         self._marker = tempfile.mkdtemp(prefix="autockpt-hf-resume-")
         with open(os.path.join(self._marker, "trainer_state.json"), "w") as f:
             json.dump(saved["trainer_state"], f)
@@ -403,6 +388,18 @@ class AutoCheckpoint(TrainerCallback):
 
     def _load_model(self, model: Any, saved: dict[str, Any], step: int) -> None:
         """Check the frozen base and every saved key, shape and dtype, then copy the weights in place."""
+        self._check_model(model, saved, step)
+        self._copy_model(model, saved["model"])
+
+    @staticmethod
+    def _copy_model(model: Any, weights: Mapping[str, Any]) -> None:
+        live, _ = _split_model_state(model)  # the model's tensors now (Trainer may have moved it to a device)
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(weights[key])
+
+    def _check_model(self, model: Any, saved: dict[str, Any], step: int) -> None:
+        """Raise StateMismatchError unless the frozen base and every saved key, shape and dtype fit ``model``."""
         live, frozen = _split_model_state(model)
         have = _content_hash(frozen)
         want = saved["frozen"]
@@ -424,20 +421,26 @@ class AutoCheckpoint(TrainerCallback):
                 f"the checkpoint of step {step} does not fit the model; nothing was restored. missing: "
                 f"{missing[:10]}, unexpected: {unexpected[:10]}, mismatched: {mismatched[:10]}",
                 missing=missing, unexpected=unexpected, mismatched=mismatched)
-        with torch.no_grad():
-            for key, tensor in live.items():
-                tensor.copy_(weights[key])
 
     def _load_optimizer_and_scheduler(self, trainer: Any) -> None:
+        """Trainer built the optimizer: load it, then (only if it fit) the model weights held since ``_restore``,
+        so that a checkpoint that does not fit the optimizer never leaves the model half-restored."""
         saved = self._pending
         try:
             trainer.optimizer.load_state_dict(saved.pop("optimizer"))
         except (ValueError, KeyError, RuntimeError) as e:
             raise StateMismatchError(f"the optimizer state in {self.directory} does not fit this optimizer: {e}; "
-                                     "use the same optimizer and parameters as the run that wrote it") from e
+                                     "nothing was restored into the model; use the same optimizer and parameters "
+                                     "as the run that wrote it") from e
         sched = saved.pop("scheduler")
         if trainer.lr_scheduler is not None and sched is not None:
             trainer.lr_scheduler.load_state_dict(sched)
+        self._apply_pending_model(trainer)
+
+    def _apply_pending_model(self, trainer: Any) -> None:
+        weights = self._pending.pop("model", None)
+        if weights is not None:
+            self._copy_model(trainer.model, weights)
 
     def _load_scaler(self, trainer: Any) -> None:
         saved = self._pending.pop("scaler", None)
@@ -468,6 +471,7 @@ class AutoCheckpoint(TrainerCallback):
                 "[AutoCheckpoint(...)]); trainer.add_callback() comes too late to resume")
         if self.restored_step is not None:  # Trainer drops a best checkpoint that is not a local directory
             state.best_model_checkpoint = self._best_path(state)
+            self._apply_pending_model(self._trainer)  # if Trainer did not load an optimizer (none to load)
         self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ saving
