@@ -258,6 +258,22 @@ def test_keras_internals_pinned() -> None:
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 5  # no train step on skipped batches
     if keras.backend.backend() == "torch":  # NumPy input: skipped through the sampler, data not read
         assert seen["kind"] == "0" and seen["data_it"] == "_SingleProcessDataLoaderIter"
+    if keras.backend.backend() == "tensorflow":  # fit's tf.data dataset, and how it makes iterators of it
+        assert seen["data_it"] == "OwnedIterator", seen
+        counted: list[int] = []
+
+        class Count(keras.callbacks.Callback):
+            def on_train_begin(self, logs: object = None) -> None:
+                loc = internals.find_fit_locals(self.model)
+                assert loc is not None and internals._tf_dataset(loc["epoch_iterator"]) is not None
+                self.count = internals.count_iterators(loc["epoch_iterator"])
+
+            def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
+                assert self.count is not None
+                counted.append(self.count())
+
+        model.fit(x[:64], y[:64], batch_size=16, epochs=3, callbacks=[Count()], verbose=0)
+        assert counted == [0, 2, 4], counted  # Keras 3.15: two iterators per epoch (replay counts them anyway)
 
 
 def test_keras_hook_internals_pinned() -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 import test_keras as tk
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -70,7 +69,8 @@ def test_tf_unseeded_shuffles_are_named_and_seeded_ones_are_exact() -> None:
         "                         distribute_strategy=tf.distribute.get_strategy())\n"
         "    return internals.mid_epoch_caveat(it)\n"
         "def ds(seed):\n"
-        "    return tf.data.Dataset.from_tensor_slices((x, x)).shuffle(8, seed=seed).map(lambda a, b: (a, b)).batch(4)\n"
+        "    ds = tf.data.Dataset.from_tensor_slices((x, x)).shuffle(8, seed=seed)\n"
+        "    return ds.map(lambda a, b: (a, b)).batch(4)\n"
         "print('NUMPY_UNSEEDED', caveat(x, x))\n"
         "print('DS_UNSEEDED', caveat(ds(None)))\n"
         "print('DS_OWN_SEED', caveat(ds(3)))\n"
@@ -105,6 +105,24 @@ def test_tf_pydataset_fit_resumes_exactly(tmp_path: Path, seed: int) -> None:
     resumes = tk._interrupted_matches_uninterrupted(tmp_path, "pydataset", [signal.SIGTERM, signal.SIGKILL], seed,
                                                     backend=TF)
     assert len(resumes) >= 2, f"seed {seed}"
+
+
+def _pytest_on_tf(selection: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+                          capture_output=True, text=True, env=tk._env(TF), timeout=1500, cwd=tk.ROOT)
+
+
+def test_tf_keras_internals_pinned() -> None:
+    """tests/test_keras.py's pins of Keras internals, in a process whose Keras runs on TensorFlow."""
+    res = _pytest_on_tf([str(tk.ROOT / "tests" / "test_keras.py"), "-k", "internals_pinned"])
+    assert res.returncode == 0 and "2 passed" in res.stdout, (res.stdout + res.stderr)[-4000:]
+
+
+@pytest.mark.skipif(not FULL, reason="long variant: AUTOCKPT_FULL=1")
+def test_tf_whole_keras_suite() -> None:
+    """Every test of tests/test_keras.py, in a process whose Keras runs on TensorFlow."""
+    res = _pytest_on_tf([str(tk.ROOT / "tests" / "test_keras.py")])
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
 
 
 @pytest.fixture(scope="module")

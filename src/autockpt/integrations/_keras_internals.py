@@ -24,9 +24,11 @@ What we rely on:
 6. At each epoch end ``Model.fit`` validates only if ``self._should_eval(epoch, validation_freq)`` is true;
    an instance attribute of that name skips the validation of an epoch stopped by preemption.
 7. TensorFlow backend: ``TFEpochIterator`` builds its ``tf.data`` dataset once per fit, in ``__init__``, as
-   ``_distributed_dataset``, and makes one iterator of it per epoch (the next epoch's as soon as an epoch's
-   batches are used up). A seeded ``Dataset.shuffle`` (reshuffling each iteration) draws each new
-   iterator's order from a seed generator of the dataset, so an epoch's order depends on how many iterators were made before it; making as many iterators first (never read) as an uninterrupted fit had made replays that. NumPy inputs are shuffled by
+   ``_distributed_dataset``, and makes its iterators with ``_get_iterator()`` (Keras 3.15: two per epoch,
+   one when an epoch's batches are used up and one at the next epoch's start). A seeded ``Dataset.shuffle``
+   (reshuffling each iteration) draws each new iterator's order from a seed generator of the dataset, so an
+   epoch's order depends on how many iterators were made before it; making as many first (never read) as
+   an uninterrupted fit had made replays it. NumPy inputs are shuffled by
    ``tf.random.shuffle`` in a map of that dataset, seeded from TensorFlow's global seed (set by
    ``keras.utils.set_random_seed``); every iterator then gives the same order.
 8. TensorFlow backend: the trainer builds its compile metrics only when it traces the train step (first
@@ -143,8 +145,7 @@ def count_iterators(epoch_iterator: Any) -> Callable[[], int] | None:
     """TensorFlow backend: count the iterators this fit makes of its dataset from now on (``_get_iterator``
     calls); returns a function giving the count so far, or None on other backends.
 
-    Keras 3.15 makes two per epoch (one when an epoch's batches are used up, another at the next epoch's
-    start); counting instead of assuming that keeps a resume exact if a release changes it.
+    Counting (rather than assuming Keras 3.15's two per epoch) keeps a resume exact if a release changes it.
     """
     if _tf_dataset(epoch_iterator) is None:
         return None

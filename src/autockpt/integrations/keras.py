@@ -6,7 +6,8 @@ model.fit(x, y, epochs=20, callbacks=[AutoCheckpoint("s3://bucket/run3", save_fr
 ```
 
 Run the same line again after the process died and training continues where it stopped. Works with any
-Keras backend (tested with torch); storage goes through fsspec, so remote URLs need no TensorFlow.
+Keras backend (tested with TensorFlow and torch); storage goes through fsspec, so remote URLs need no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -317,7 +318,9 @@ class AutoCheckpoint(keras.callbacks.Callback):
     order of ``callbacks=`` does not matter. A run that a callback stopped (``EarlyStopping``) is finished:
     running it again trains nothing. A mid-epoch resume replays the epoch's shuffle and skips the batches
     already trained on without training on them (for NumPy arrays on the torch backend, without even
-    reading them); NumPy arrays and ``PyDataset``\\s need no wrapper. Python generators are skipped by drawing
+    reading them); NumPy arrays and ``PyDataset``\\s need no wrapper; on the TensorFlow backend
+    a ``tf.data`` pipeline with seeded shuffles is replayed too (the iterators ``fit`` had made of it, then
+    the epoch's first batches). Python generators are skipped by drawing
     their first batches, so they must be deterministic.
 
     ```python
@@ -487,8 +490,9 @@ class AutoCheckpoint(keras.callbacks.Callback):
             if caveat is not None:
                 log.warning(
                     "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
-                    "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
-                    "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
+                    "run: %s. For an exact resume pass NumPy arrays, a keras.utils.PyDataset or (TensorFlow "
+                    "backend) a seeded tf.data pipeline, without steps_per_epoch, or use save_freq='epoch'.",
+                    self._epoch, self._batch, caveat)
         if iterator is not None and self._count_iterators is not None:  # TensorFlow: the epoch's tf.data order
             internals.replay_iterators(iterator, int(prog.get("iterators") or 0))
         internals.set_initial_epoch(self.model, self._epoch)
