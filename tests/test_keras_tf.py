@@ -2,8 +2,8 @@
 
 This process keeps the torch backend; every TensorFlow run is a child. By default: the kill/resume tests
 (NumPy input, a seeded tf.data pipeline) with two signals, the unseeded-shuffle caveats, and the preemption
-windows. AUTOCKPT_FULL=1 adds four-signal plans, a resume in epoch 2, the PyDataset variant, and the warning seen in a
-real resume.
+windows. AUTOCKPT_FULL=1 adds four-signal plans, a resume in epoch 2, the warning seen in a real resume, and the whole
+tests/test_keras.py on TensorFlow.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def test_tf_unseeded_shuffles_are_named_and_seeded_ones_are_exact() -> None:
         "print('NUMPY_UNSEEDED', caveat(x, x))\n"
         "print('DS_UNSEEDED', caveat(ds(None)))\n"
         "print('DS_OWN_SEED', caveat(ds(3)))\n"
+        "class Batches(keras.utils.PyDataset):\n"
+        "    def __init__(self): super().__init__()\n"
+        "    def __len__(self): return 4\n"
+        "    def __getitem__(self, i): return x[i * 8:(i + 1) * 8], x[i * 8:(i + 1) * 8]\n"
+        "print('PYDATASET', caveat(Batches()))\n"
         "keras.utils.set_random_seed(1)\n"
         "print('NUMPY_SEEDED', caveat(x, x))\n"
         "print('DS_GLOBAL_SEED', caveat(ds(None)))\n"
@@ -84,6 +89,7 @@ def test_tf_unseeded_shuffles_are_named_and_seeded_ones_are_exact() -> None:
     got = dict(ln.split(" ", 1) for ln in res.stdout.splitlines() if ln.split(" ")[0].isupper())
     assert "keras.utils.set_random_seed" in got["NUMPY_UNSEEDED"], got
     assert "shuffle(buffer_size, seed=...)" in got["DS_UNSEEDED"], got
+    assert "__getitem__(i) depend on i alone" in got["PYDATASET"], got  # prefetched by tf.data in a thread
     assert (got["DS_OWN_SEED"], got["NUMPY_SEEDED"], got["DS_GLOBAL_SEED"]) == ("None", "None", "None"), got
 
 
@@ -100,13 +106,6 @@ def test_tf_data_unseeded_shuffle_warns_on_mid_epoch_resume(tmp_path: Path) -> N
     assert "may not see the same data" not in err[0]  # the first run started fresh: nothing to warn about
 
 
-@pytest.mark.skipif(not FULL, reason="long variant: AUTOCKPT_FULL=1")
-def test_tf_pydataset_fit_resumes_exactly(tmp_path: Path, seed: int) -> None:
-    resumes = tk._interrupted_matches_uninterrupted(tmp_path, "pydataset", [signal.SIGTERM, signal.SIGKILL], seed,
-                                                    backend=TF)
-    assert len(resumes) >= 2, f"seed {seed}"
-
-
 def _pytest_on_tf(selection: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
                           capture_output=True, text=True, env=tk._env(TF), timeout=1500, cwd=tk.ROOT)
@@ -120,8 +119,9 @@ def test_tf_keras_internals_pinned() -> None:
 
 @pytest.mark.skipif(not FULL, reason="long variant: AUTOCKPT_FULL=1")
 def test_tf_whole_keras_suite() -> None:
-    """Every test of tests/test_keras.py, in a process whose Keras runs on TensorFlow."""
-    res = _pytest_on_tf([str(tk.ROOT / "tests" / "test_keras.py")])
+    """Every test of tests/test_keras.py, in a process whose Keras runs on TensorFlow, but the PyDataset
+    kill test: its __getitem__ draws from NumPy's RNG, which tf.data calls ahead in a thread (warned about)."""
+    res = _pytest_on_tf([str(tk.ROOT / "tests" / "test_keras.py"), "-k", "not pydataset_fit"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
 
 

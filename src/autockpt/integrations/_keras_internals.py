@@ -132,6 +132,11 @@ def tf_caveat(epoch_iterator: Any) -> str | None:
             return ("on TensorFlow, fit shuffles NumPy arrays with tf.random.shuffle, whose seed is random in every "
                     "process unless keras.utils.set_random_seed(...) ran before fit")
         return None
+    if name == "PyDatasetAdapter":
+        return ("on TensorFlow, Keras reads a PyDataset through tf.data, which calls __getitem__ ahead of training "
+                "in a background thread, so its random draws (augmentation, shuffle=True) are not replayed: make "
+                "__getitem__(i) depend on i alone (e.g. np.random.default_rng(seed + i)) and pass shuffle=False, "
+                "or use a seeded tf.data pipeline")
     if name == "TFDatasetAdapter":
         if _unseeded_shuffles(getattr(adapter, "_dataset", dataset)):
             return ("the tf.data pipeline has a shuffle without a seed, which shuffles differently in every "
@@ -142,13 +147,15 @@ def tf_caveat(epoch_iterator: Any) -> str | None:
 
 
 def count_iterators(epoch_iterator: Any) -> Callable[[], int] | None:
-    """TensorFlow backend: count the iterators this fit makes of its dataset from now on (``_get_iterator``
-    calls); returns a function giving the count so far, or None on other backends.
+    """TensorFlow backend, ``tf.data`` input: count the iterators this fit makes of its dataset from now on
+    (``_get_iterator`` calls); returns a function giving the count so far, or None for other inputs/backends.
 
     Counting (rather than assuming Keras 3.15's two per epoch) keeps a resume exact if a release changes it.
     """
     if _tf_dataset(epoch_iterator) is None:
         return None
+    if type(getattr(epoch_iterator, "data_adapter", None)).__name__ != "TFDatasetAdapter":
+        return None  # NumPy: the same order in every iterator; a PyDataset's iterator may call the user's code
     original = type(epoch_iterator)._get_iterator.__get__(epoch_iterator)
     count = [0]
 
