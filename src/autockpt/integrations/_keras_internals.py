@@ -75,11 +75,8 @@ def mid_epoch_caveat(epoch_iterator: Any) -> str | None:
     if loader is not None and (getattr(loader, "generator", None) is not None
                                or getattr(getattr(loader, "sampler", None), "generator", None) is not None):
         return "a torch DataLoader with its own generator= shuffles with an RNG autockpt does not save"
-    tf = tf_caveat(epoch_iterator)
-    if tf is not None and tf != "unknown":
-        return tf
-    if tf is None and name in ("ArrayDataAdapter", "TFDatasetAdapter"):
-        return None
+    if _tf_dataset(epoch_iterator) is not None and name in TF_ADAPTERS:  # TensorFlow backend
+        return tf_caveat(epoch_iterator)
     if name not in EXACT_ADAPTERS:
         return (f"{name} input is skipped by drawing the epoch's first batches again from a fresh iterator, "
                 "which is exact only if it yields the same batches in every process (a seeded, "
@@ -120,8 +117,12 @@ def _tf_global_seed() -> int | None:
     return seed
 
 
+TF_ADAPTERS = ("ArrayDataAdapter", "PyDatasetAdapter", "TFDatasetAdapter")
+
+
 def tf_caveat(epoch_iterator: Any) -> str | None:
-    """Why a TensorFlow-backend fit's data order may differ from process to process, or None."""
+    """Why a TensorFlow-backend fit's data (one of ``TF_ADAPTERS``) may differ from process to process, or
+    None if a resume replays it exactly."""
     dataset = _tf_dataset(epoch_iterator)
     if dataset is None:
         return None
@@ -142,8 +143,7 @@ def tf_caveat(epoch_iterator: Any) -> str | None:
             return ("the tf.data pipeline has a shuffle without a seed, which shuffles differently in every "
                     "process: pass shuffle(buffer_size, seed=...) or call keras.utils.set_random_seed(...) "
                     "before building the dataset")
-        return None
-    return "unknown"
+    return None
 
 
 def count_iterators(epoch_iterator: Any) -> Callable[[], int] | None:
