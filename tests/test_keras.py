@@ -31,19 +31,22 @@ import keras_train  # noqa: E402
 TOTAL = keras_train.EPOCHS * (keras_train.N // keras_train.BATCH)
 
 
-def _env() -> dict[str, str]:
-    backend = os.environ.get("KERAS_BACKEND", "torch")
-    return dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
+def _env(backend: str | None = None) -> dict[str, str]:
+    backend = backend or os.environ.get("KERAS_BACKEND", "torch")
+    return dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="",
+                TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _run(ckpt: Path, out: Path, kind: str, sig: int | None = None, at: int = 0, tag: str = "") -> tuple[str, list[str]]:
+def _run(ckpt: Path, out: Path, kind: str, sig: int | None = None, at: int = 0, tag: str = "",
+         backend: str | None = None, stderr: list[str] | None = None) -> tuple[str, list[str]]:
     """Run the child; send ``sig`` once it reports global batch >= ``at``. Returns (how it ended, lines).
 
     A SIGTERM that stopped training ends the child with exit code 143 once its checkpoint is committed: the
-    code after ``fit`` does not run, so it returns ("preempted", lines)."""
+    code after ``fit`` does not run, so it returns ("preempted", lines). The child's stderr is appended to
+    ``stderr`` if given."""
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(ckpt), str(out), kind, "0.03" if sig else "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(backend),
     )
     lines: list[str] = []
     sent = False
@@ -55,6 +58,8 @@ def _run(ckpt: Path, out: Path, kind: str, sig: int | None = None, at: int = 0, 
             sent = True
     err = proc.stderr.read() if proc.stderr else ""
     rc = proc.wait(timeout=120)
+    if stderr is not None:
+        stderr.append(err)
     if sig == signal.SIGKILL and sent:
         assert rc == -signal.SIGKILL, (rc, err[-2000:], tag)
         return "killed", lines
@@ -72,10 +77,10 @@ def _weights(prefix: Path) -> list[np.ndarray]:
 
 
 def _interrupted_matches_uninterrupted(
-    tmp_path: Path, kind: str, plan: Sequence[int], seed: int
+    tmp_path: Path, kind: str, plan: Sequence[int], seed: int, backend: str | None = None
 ) -> list[tuple[int, int]]:
     tag = f"seed {seed}"
-    base_end, _ = _run(tmp_path / "base_ckpt", tmp_path / "base", kind, tag=tag)
+    base_end, _ = _run(tmp_path / "base_ckpt", tmp_path / "base", kind, tag=tag, backend=backend)
     assert base_end == "DONE", tag
     base_w = _weights(tmp_path / "base")
     base_h = json.loads((tmp_path / "base.json").read_text())
@@ -87,13 +92,13 @@ def _interrupted_matches_uninterrupted(
     reached = 0
     for sig in plan:  # each at a random batch, mid-epoch or not
         at = rng.randrange(reached + 2, reached + 14)
-        end, lines = _run(ckpt, out, kind, sig, at, tag=tag)
+        end, lines = _run(ckpt, out, kind, sig, at, tag=tag, backend=backend)
         resumes += [(int(ln.split()[1]), int(ln.split()[2])) for ln in lines if ln.startswith("RESUMED")]
         batches = [int(ln.split()[1]) for ln in lines if ln.startswith("BATCH")]
         assert batches, (lines, tag)
         reached = max(batches)
         assert end in ("killed", "preempted"), (sig, end, lines[-5:], tag)
-    end, lines = _run(ckpt, out, kind, tag=tag)  # no signal: runs to the end
+    end, lines = _run(ckpt, out, kind, tag=tag, backend=backend)  # no signal: runs to the end
     assert end == "DONE", (lines[-5:], tag)
     last = [(int(ln.split()[1]), int(ln.split()[2])) for ln in lines if ln.startswith("RESUMED")]
     resumes += last
@@ -253,6 +258,25 @@ def test_keras_internals_pinned() -> None:
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 5  # no train step on skipped batches
     if keras.backend.backend() == "torch":  # NumPy input: skipped through the sampler, data not read
         assert seen["kind"] == "0" and seen["data_it"] == "_SingleProcessDataLoaderIter"
+    if keras.backend.backend() == "tensorflow":  # fit's tf.data dataset, and how it makes iterators of it
+        assert seen["data_it"] == "OwnedIterator", seen
+        counted: list[int] = []
+
+        class Count(keras.callbacks.Callback):
+            def on_train_begin(self, logs: object = None) -> None:
+                loc = internals.find_fit_locals(self.model)
+                assert loc is not None and internals._tf_dataset(loc["epoch_iterator"]) is not None
+                self.count = internals.count_iterators(loc["epoch_iterator"])
+
+            def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
+                assert self.count is not None
+                counted.append(self.count())
+
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).shuffle(64, seed=1).batch(16)
+        model.fit(ds, epochs=3, shuffle=False, callbacks=[Count()], verbose=0)
+        assert counted == [0, 2, 4], counted  # Keras 3.15: two iterators per epoch (replay counts them anyway)
 
 
 def test_keras_hook_internals_pinned() -> None:

@@ -1,6 +1,9 @@
 """Child process for tests/test_keras.py: trains a tiny Keras model with AutoCheckpoint, resumable.
 
-Usage: keras_train.py DIRECTORY OUT_PREFIX DATA(numpy|pydataset) [SLEEP]
+Usage: keras_train.py DIRECTORY OUT_PREFIX DATA(numpy|pydataset|tfdata|tfdata_unseeded) [SLEEP]
+
+``tfdata`` (TensorFlow backend): ``from_tensor_slices(...).shuffle(N, seed=11).map(...).batch(BATCH)``;
+``tfdata_unseeded``: the same with ``shuffle(N)`` and no global seed for TensorFlow.
 Prints "BATCH <global batch>" after every batch, "RESUMED <epoch> <batch>" after a restore, and
 "DONE"/"PREEMPTED" at the end; writes OUT_PREFIX.npz (final weights) and OUT_PREFIX.json (History). A
 SIGTERM ends it with exit code 143 once the checkpoint is committed (AutoCheckpoint's default), before
@@ -46,6 +49,14 @@ class Batches(keras.utils.PyDataset):
         return self.x[sl] + np.random.normal(0, 0.01, self.x[sl].shape).astype("float32"), self.y[sl]
 
 
+def tf_dataset(x: np.ndarray, y: np.ndarray, seed: int | None = 11) -> object:
+    """The tf.data pipeline users write most often: slices, a seeded shuffle, a map, batches."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+    return ds.map(lambda a, b: (a * 2.0 - 1.0, b), num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
+
+
 def build() -> keras.Model:
     model = keras.Sequential([
         keras.Input((6,)),
@@ -77,7 +88,13 @@ class Report(keras.callbacks.Callback):
 def main() -> None:
     directory, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     sleep = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-    keras.utils.set_random_seed(7)
+    if kind == "tfdata_unseeded":
+        import random
+
+        random.seed(7)  # Python, NumPy and Keras' seed generator as usual; TensorFlow's global seed stays unset
+        np.random.seed(7)
+    else:
+        keras.utils.set_random_seed(7)
     x, y = data()
     model = build()
     ckpt = AutoCheckpoint(directory, save_freq=3, max_to_keep=2)
@@ -86,6 +103,9 @@ def main() -> None:
     val = (x[:64], y[:64])
     if kind == "numpy":
         hist = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, validation_data=val, callbacks=callbacks, verbose=0)
+    elif kind.startswith("tfdata"):
+        ds = tf_dataset(x, y, seed=11 if kind == "tfdata" else None)
+        hist = model.fit(ds, epochs=EPOCHS, shuffle=False, validation_data=val, callbacks=callbacks, verbose=0)
     else:
         hist = model.fit(Batches(x, y), epochs=EPOCHS, validation_data=val, callbacks=callbacks, verbose=0)
     np.savez(out + ".npz", *[np.asarray(w) for w in model.get_weights()])

@@ -1,7 +1,8 @@
 """Every use of Keras (and torch DataLoader) internals by ``autockpt.integrations.keras``, in one place.
 
-Tested against Keras 3.15.1 (torch backend) by ``tests/test_keras.py::test_keras_internals_pinned``; if a
-Keras release changes one of these, that test fails and names it.
+Tested against Keras 3.15.1 on the torch and TensorFlow (2.21) backends by
+``tests/test_keras.py::test_keras_internals_pinned``; if a Keras release changes one of these, that test fails
+and names it.
 
 What we rely on:
 
@@ -22,6 +23,18 @@ What we rely on:
    only: this is how autockpt acts after every callback's hook, whatever the order of ``callbacks=``.
 6. At each epoch end ``Model.fit`` validates only if ``self._should_eval(epoch, validation_freq)`` is true;
    an instance attribute of that name skips the validation of an epoch stopped by preemption.
+7. TensorFlow backend: ``TFEpochIterator`` builds its ``tf.data`` dataset once per fit, in ``__init__``, as
+   ``_distributed_dataset``, and makes its iterators with ``_get_iterator()`` (Keras 3.15: two per epoch,
+   one when an epoch's batches are used up and one at the next epoch's start). A seeded ``Dataset.shuffle``
+   (reshuffling each iteration) draws each new iterator's order from a seed generator of the dataset, so an
+   epoch's order depends on how many iterators were made before it; making as many first (never read) as
+   an uninterrupted fit had made replays it. NumPy inputs are shuffled by
+   ``tf.random.shuffle`` in a map of that dataset, seeded from TensorFlow's global seed (set by
+   ``keras.utils.set_random_seed``); every iterator then gives the same order.
+8. TensorFlow backend: the trainer builds its compile metrics only when it traces the train step (first
+   batch), unless a distribution strategy is set; ``Model._symbolic_build(data_batch=...)`` builds them
+   from the dataset's ``element_spec`` (what the torch trainer does before ``on_train_begin``), so a
+   checkpoint's running metrics can be checked and restored before the first batch.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ def find_fit_locals(model: Any) -> dict[str, Any] | None:
 
 # Inputs whose batches at (epoch, batch) are a function of the RNG state at the epoch's start, which the
 # callback replays: NumPy/array-like inputs, PyDataset, and torch DataLoaders (shuffled with torch's RNG).
+# On the TensorFlow backend also seeded tf.data pipelines (see 7 above and ``tf_caveat``).
 EXACT_ADAPTERS = ("ArrayDataAdapter", "PyDatasetAdapter", "TorchDataLoaderAdapter")
 
 
@@ -61,11 +75,114 @@ def mid_epoch_caveat(epoch_iterator: Any) -> str | None:
     if loader is not None and (getattr(loader, "generator", None) is not None
                                or getattr(getattr(loader, "sampler", None), "generator", None) is not None):
         return "a torch DataLoader with its own generator= shuffles with an RNG autockpt does not save"
+    if _tf_dataset(epoch_iterator) is not None and name in TF_ADAPTERS:  # TensorFlow backend
+        return tf_caveat(epoch_iterator)
     if name not in EXACT_ADAPTERS:
         return (f"{name} input is skipped by drawing the epoch's first batches again from a fresh iterator, "
                 "which is exact only if it yields the same batches in every process (a seeded, "
-                "restartable generator or dataset; tf.data shuffling uses TensorFlow's RNG, not restored)")
+                "restartable generator or dataset; a tf.data pipeline's shuffle is replayed on the TensorFlow "
+                "backend only)")
     return None
+
+
+def _tf_dataset(epoch_iterator: Any) -> Any:
+    """The ``tf.data`` dataset this fit iterates on the TensorFlow backend, or None (other backends)."""
+    return getattr(epoch_iterator, "_distributed_dataset", None)
+
+
+def _unseeded_shuffles(dataset: Any) -> list[str]:
+    """The shuffles of a ``tf.data`` pipeline that draw a random seed in every process (no seed, no global seed)."""
+    found, todo, seen = [], [dataset], set()
+    while todo:
+        ds = todo.pop()
+        if id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        if "Shuffle" in type(ds).__name__ and hasattr(ds, "_seed") and hasattr(ds, "_seed2"):
+            if int(ds._seed) == 0 and int(ds._seed2) == 0:
+                found.append(type(ds).__name__)
+        inputs = getattr(ds, "_inputs", None)
+        if callable(inputs):
+            try:
+                todo.extend(inputs())
+            except Exception:  # a dataset kind that cannot list its inputs
+                pass
+    return found
+
+
+def _tf_global_seed() -> int | None:
+    from tensorflow.python.eager import context  # TensorFlow backend only
+
+    seed: int | None = context.global_seed()
+    return seed
+
+
+TF_ADAPTERS = ("ArrayDataAdapter", "PyDatasetAdapter", "TFDatasetAdapter")
+
+
+def tf_caveat(epoch_iterator: Any) -> str | None:
+    """Why a TensorFlow-backend fit's data (one of ``TF_ADAPTERS``) may differ from process to process, or
+    None if a resume replays it exactly."""
+    dataset = _tf_dataset(epoch_iterator)
+    if dataset is None:
+        return None
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    name = type(adapter).__name__
+    if name == "ArrayDataAdapter":
+        if getattr(adapter, "_shuffle", False) and _tf_global_seed() is None:
+            return ("on TensorFlow, fit shuffles NumPy arrays with tf.random.shuffle, whose seed is random in every "
+                    "process unless keras.utils.set_random_seed(...) ran before fit")
+        return None
+    if name == "PyDatasetAdapter":
+        return ("on TensorFlow, Keras reads a PyDataset through tf.data, which calls __getitem__ ahead of training "
+                "in a background thread, so its random draws (augmentation, shuffle=True) are not replayed: make "
+                "__getitem__(i) depend on i alone (e.g. np.random.default_rng(seed + i)) and pass shuffle=False, "
+                "or use a seeded tf.data pipeline")
+    if name == "TFDatasetAdapter":
+        if _unseeded_shuffles(getattr(adapter, "_dataset", dataset)):
+            return ("the tf.data pipeline has a shuffle without a seed, which shuffles differently in every "
+                    "process: pass shuffle(buffer_size, seed=...) or call keras.utils.set_random_seed(...) "
+                    "before building the dataset")
+    return None
+
+
+def count_iterators(epoch_iterator: Any) -> Callable[[], int] | None:
+    """TensorFlow backend, ``tf.data`` input: count the iterators this fit makes of its dataset from now on
+    (``_get_iterator`` calls); returns a function giving the count so far, or None for other inputs/backends.
+
+    Counting (rather than assuming Keras 3.15's two per epoch) keeps a resume exact if a release changes it.
+    """
+    if _tf_dataset(epoch_iterator) is None:
+        return None
+    if type(getattr(epoch_iterator, "data_adapter", None)).__name__ != "TFDatasetAdapter":
+        return None  # NumPy: the same order in every iterator; a PyDataset's iterator may call the user's code
+    original = type(epoch_iterator)._get_iterator.__get__(epoch_iterator)
+    count = [0]
+
+    def counted() -> Any:
+        count[0] += 1
+        return original()
+
+    epoch_iterator._get_iterator = counted
+    return lambda: count[0]
+
+
+def replay_iterators(epoch_iterator: Any, n: int) -> None:
+    """TensorFlow backend: make (and drop, never read) ``n`` iterators of fit's dataset, as an uninterrupted
+    fit had made before the epoch being resumed, so the next one has that epoch's order (see 7 above)."""
+    for _ in range(n):
+        iter(epoch_iterator._get_iterator())
+
+
+def build_compile_state(model: Any, epoch_iterator: Any) -> None:
+    """TensorFlow backend: build the compile metrics and loss now, as the torch trainer does before
+    ``on_train_begin`` (the TF trainer builds them when it traces the first batch)."""
+    dataset = _tf_dataset(epoch_iterator)
+    metrics, loss = getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None)
+    unbuilt = any(m is not None and not m.built for m in (metrics, loss))
+    spec = getattr(dataset, "element_spec", None)
+    if unbuilt and spec is not None:
+        model._symbolic_build(data_batch=spec)
 
 
 def sync_backend_state(model: Any) -> None:

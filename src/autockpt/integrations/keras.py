@@ -6,7 +6,8 @@ model.fit(x, y, epochs=20, callbacks=[AutoCheckpoint("s3://bucket/run3", save_fr
 ```
 
 Run the same line again after the process died and training continues where it stopped. Works with any
-Keras backend (tested with torch); storage goes through fsspec, so remote URLs need no TensorFlow.
+Keras backend (tested with TensorFlow and torch); storage goes through fsspec, so remote URLs need no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -318,7 +319,9 @@ class AutoCheckpoint(keras.callbacks.Callback):
     order of ``callbacks=`` does not matter. A run that a callback stopped (``EarlyStopping``) is finished:
     running it again trains nothing. A mid-epoch resume replays the epoch's shuffle and skips the batches
     already trained on without training on them (for NumPy arrays on the torch backend, without even
-    reading them); NumPy arrays and ``PyDataset``\\s need no wrapper. Python generators are skipped by drawing
+    reading them); NumPy arrays and ``PyDataset``\\s need no wrapper; on the TensorFlow backend
+    a ``tf.data`` pipeline with seeded shuffles is replayed too (the iterators ``fit`` had made of it, then
+    the epoch's first batches). Python generators are skipped by drawing
     their first batches, so they must be deterministic.
 
     ```python
@@ -388,6 +391,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self._global = 0  # batches done in the whole run
         self._finished = False  # a callback ended the run at an epoch end
         self._epoch_rng: dict[str, Any] | None = None
+        self._count_iterators: Any = None  # TensorFlow: how many iterators fit made of its dataset so far
+        self._epoch_iterators: int | None = None  # ... before the current epoch's
         self._resume: dict[str, Any] | None = None
         self._fit: dict[str, Any] | None = None
         self._state: dict[str, Any] | None = None
@@ -415,7 +420,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         internals.sync_backend_state(self.model)
         self._state["progress"].value = {
             "epoch": self._epoch, "batch": self._batch, "global_batch": self._global,
-            "epoch_rng": self._epoch_rng, "finished": self._finished,
+            "epoch_rng": self._epoch_rng, "finished": self._finished, "iterators": self._epoch_iterators,
         }
         self._state["callbacks"].value = _callback_states(self._callbacks())
         metrics = {}
@@ -491,8 +496,11 @@ class AutoCheckpoint(keras.callbacks.Callback):
             if caveat is not None:
                 log.warning(
                     "autockpt: resuming epoch %d at batch %d may not see the same data as an uninterrupted "
-                    "run: %s. For an exact resume pass NumPy arrays or a keras.utils.PyDataset without "
-                    "steps_per_epoch, or use save_freq='epoch'.", self._epoch, self._batch, caveat)
+                    "run: %s. For an exact resume pass NumPy arrays, a keras.utils.PyDataset or (TensorFlow "
+                    "backend) a seeded tf.data pipeline, without steps_per_epoch, or use save_freq='epoch'.",
+                    self._epoch, self._batch, caveat)
+        if iterator is not None and self._count_iterators is not None:  # TensorFlow: the epoch's tf.data order
+            internals.replay_iterators(iterator, int(prog.get("iterators") or 0))
         internals.set_initial_epoch(self.model, self._epoch)
         log.info("autockpt: resumed from step %d of %s (epoch %d, batch %d)", self.restored_step, where,
                  self._epoch, self._batch)
@@ -515,6 +523,9 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.watcher = PreemptionWatcher(self.watcher.signals, cloud_notices=self.cloud_notices).install()
         try:
             self._fit = internals.find_fit_locals(self.model)
+            if self._fit is not None and self._fit.get("epoch_iterator") is not None:
+                internals.build_compile_state(self.model, self._fit["epoch_iterator"])
+                self._count_iterators = internals.count_iterators(self._fit["epoch_iterator"])
             self._state = keras_state(self.model, _strict=True)
             self._restore()
         except BaseException:
@@ -589,6 +600,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
             if self._batch > 0:
                 self._state["metrics"].apply()  # after Keras reset them for this epoch
                 self._epoch_rng = prog["epoch_rng"]
+                self._epoch_iterators = prog.get("iterators")
                 KerasRNGState().load_state_dict(prog["epoch_rng"])  # replays the epoch's shuffle
                 assert self._fit is not None
                 internals.skip_steps_next_epoch(
@@ -598,6 +610,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
             rng_state.load_state_dict(prog["epoch_rng"] if self._restart_epoch else rng_state.loaded)
         self._epoch, self._batch = epoch, 0
         self._epoch_rng = KerasRNGState().state_dict()
+        self._epoch_iterators = None if self._count_iterators is None else self._count_iterators()
 
     def _after_batch(self, batch: int, logs: dict[str, Any] | None) -> None:
         self._global += batch + 1 - self._batch
@@ -629,6 +642,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         epochs = self.params.get("epochs") if self.params else None
         self._finished = bool(self.model.stop_training)  # a callback (EarlyStopping) ended the run here
         self._epoch, self._batch = epoch + 1, 0
+        if self._count_iterators is not None:  # those made so far come before the next epoch's
+            self._epoch_iterators = self._count_iterators()
         due = (self.save_freq == "epoch" or self._due_at_epoch_end or self._finished
                or (epochs is not None and self._epoch >= epochs))
         self._due_at_epoch_end = False
