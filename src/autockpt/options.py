@@ -64,6 +64,8 @@ class ManagerOptions:
     max_consecutive_failures: int = 3
     progress: bool = False
     distributed: bool | None = None
+    lease_ttl: float = 30.0
+    lease_renew_seconds: float | None = None
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,16 @@ class ManagerOptions:
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {self.storage_options!r}")
         check_positive("max_consecutive_failures", self.max_consecutive_failures, int)
         check_bool("progress", self.progress)
+        check_positive("lease_ttl", self.lease_ttl, float)
+        if self.lease_ttl is None:
+            raise InvalidArgumentError("lease_ttl must be a positive float, got None")
+        check_positive("lease_renew_seconds", self.lease_renew_seconds, float)
+        if self.lease_renew_seconds is not None and self.lease_renew_seconds * 3 > self.lease_ttl * 2:
+            raise InvalidArgumentError(
+                f"lease_renew_seconds must be at most 2/3 of lease_ttl ({self.lease_ttl * 2 / 3:g} s), so that a "
+                f"renewal lands before the lease runs low; got {self.lease_renew_seconds!r}. Leave it None for "
+                "lease_ttl / 3"
+            )
         if self.distributed not in (None, True, False):
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"
