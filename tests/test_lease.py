@@ -133,22 +133,80 @@ def test_writer_paused_past_its_lease_commits_and_deletes_nothing_s3(s3_server: 
 # ----------------------------------------------------------------------------------------- issue 18, 8 and 9
 
 
+def _holder(url: Path) -> subprocess.Popen[str]:
+    """A process that holds the writer lease of ``url`` (for 60 s at most)."""
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, autockpt; m = autockpt.CheckpointManager(sys.argv[1]); m.acquire(); print('held', "
+        "flush=True); time.sleep(60)"), str(url)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert first.stdout is not None and first.stdout.readline().strip() == "held"
+    return first
+
+
 def test_second_writer_fails_on_entry_to_resume_before_restoring(tmp_path: Path) -> None:
     import torch
 
     with autockpt.CheckpointManager(tmp_path / "run") as mgr:
         mgr.save(3, {"model": torch.nn.Linear(2, 2)})
-    first = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, autockpt; m = autockpt.CheckpointManager(sys.argv[1]); m.acquire(); print('held', "
-        "flush=True); time.sleep(60)"), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=ENV)
+    first = _holder(tmp_path / "run")
     try:
-        assert first.stdout is not None and first.stdout.readline().strip() == "held"
         model = torch.nn.Linear(2, 2)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(LeaseError, match=f"pid {first.pid}"):
             with autockpt.resume(tmp_path / "run", model=model):
                 raise AssertionError("entered the loop")
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing restored
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_second_writer_fails_on_entry_to_keras_fit_before_training(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    from autockpt.integrations.keras import AutoCheckpoint
+
+    first = _holder(tmp_path / "run")
+    try:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        before = [w.copy() for w in model.get_weights()]
+        x, y = np.ones((8, 3), np.float32), np.ones((8, 1), np.float32)
+        with pytest.raises(LeaseError, match=f"pid {first.pid}"):
+            model.fit(x, y, epochs=2, verbose=0, callbacks=[AutoCheckpoint(tmp_path / "run")])
+        assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))  # not trained
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_second_writer_fails_on_entry_to_lightning_fit_before_training(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    import torch
+
+    from autockpt.integrations.lightning import AutoCheckpoint
+
+    class Tiny(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+            self.steps = 0
+
+        def training_step(self, batch: Any, i: int) -> Any:
+            self.steps += 1
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    first = _holder(tmp_path / "run")
+    try:
+        module = Tiny()
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 3)), batch_size=4)
+        trainer = pl.Trainer(max_epochs=1, callbacks=[AutoCheckpoint(tmp_path / "run")], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", default_root_dir=tmp_path)
+        with pytest.raises(LeaseError, match=f"pid {first.pid}"):
+            trainer.fit(module, data)
+        assert module.steps == 0
     finally:
         first.kill()
         first.wait()

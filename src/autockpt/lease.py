@@ -167,7 +167,9 @@ class WriterLease:
         t0 = time.monotonic()
         gen = after + 1
         if not self.storage.create_small(lease_name(gen), self._body(gen, time.time() + self.ttl)):
-            return False
+            won = _read(self.storage, lease_name(gen))  # a retried request whose first attempt had created it?
+            if won is None or not self._mine(won):
+                return False
         self.generation, self._valid_until = gen, t0 + self.ttl
         for name in self.storage.small_files(LEASE_PREFIX):  # older generations: dead, and ours to remove
             m = LEASE_RE.match(name)

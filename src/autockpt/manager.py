@@ -364,8 +364,7 @@ class CheckpointManager:
         size = sum(f["size"] for f in files.values())
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-        if self._coord.is_writer:
-            self._lease.check()  # nothing is deleted by a writer that lost the lease
+        if self._coord.is_writer:  # the commit just checked the lease; each delete asks it again (storage.guard)
             self._prune(step, committed | {step})
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:
