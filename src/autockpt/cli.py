@@ -1,7 +1,8 @@
 """``autockpt``: look at, verify, prune, export and import checkpoints from the command line.
 
 ```
-autockpt ls URL                      every checkpoint: step, time, size, metrics, status, why it is kept
+autockpt ls URL                      every checkpoint: step, time, size, metrics, status, why it is kept;
+                                     then who holds the writer lease and until when
 autockpt show URL [--step N]         one manifest in human form: state tree, tensors, metadata
 autockpt verify URL [--step N|--all] sizes and checksums; exit status 0 only if all verify
 autockpt prune URL --max-to-keep K   apply a retention policy offline (--dry-run deletes nothing)
@@ -14,9 +15,10 @@ a dotted key nests, e.g. ``client_kwargs.endpoint_url=http://...``; a value that
 JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}'``.
 
 Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
-directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
+directory, checkpoint or file, a path that is a file, missing credentials, or a value that cannot be stored.
+Errors are one line on standard error.
 
-One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``lease``, ``options``,
 ``progress``, ``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
