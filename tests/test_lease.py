@@ -112,7 +112,9 @@ def zombie(url: str, opts: dict[str, Any] | None) -> None:
         assert sorted(listing.committed) == [11] and listing.uncommitted == [] and listing.temporary == [], listing
         target = {"w": np.zeros(64, np.float32), "meta": None}
         assert new.restore(target) == 11 and (target["w"] == 11).all()
-        assert current_lease(storage) == held  # the resumed writer did not touch the new writer's lease
+        now = current_lease(storage)  # the resumed writer did not take or release the new writer's lease
+        assert held is not None and now is not None and now[0] == held[0] and now[1] is not None, (held, now)
+        assert held[1] is not None and now[1]["token"] == held[1]["token"] and not now[1].get("released"), now
         assert new.save(12, {"w": np.full(64, 12, np.float32), "meta": {"step": 12, "writer": 1}})
         new.close()
     finally:
