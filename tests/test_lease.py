@@ -291,3 +291,16 @@ def test_without_an_atomic_create_one_warning_at_start(caplog: pytest.LogCapture
             mgr.save(2, {"w": np.ones(2)})
     said = [r.getMessage() for r in caplog.records if "no atomic create" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_lease_options_are_checked_in_the_constructor(tmp_path: Path) -> None:
+    from autockpt.errors import InvalidArgumentError
+
+    for bad in ({"lease_ttl": 0}, {"lease_ttl": None}, {"lease_ttl": "30"}, {"lease_renew_seconds": -1},
+                {"lease_ttl": 30, "lease_renew_seconds": 25}):
+        with pytest.raises(InvalidArgumentError, match="lease_"):
+            autockpt.CheckpointManager(tmp_path / "run", **bad)  # type: ignore[arg-type]
+    with autockpt.CheckpointManager(tmp_path / "run", lease_ttl=6, lease_renew_seconds=1) as mgr:
+        mgr.acquire()
+        lease = current_lease(mgr.storage)
+        assert lease is not None and lease[1] is not None and lease[1]["ttl"] == 6
