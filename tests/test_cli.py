@@ -61,7 +61,7 @@ def flip_byte(path: Path) -> None:
 
 def table(stdout: str) -> dict[str, list[str]]:
     """Rows of an ``ls`` table by their first column."""
-    lines = stdout.strip().splitlines()
+    lines = [ln for ln in stdout.strip().splitlines() if not ln.startswith("writer lease:")]
     assert lines[0].split()[0] == "STEP"
     return {ln.split()[0]: ln.split() for ln in lines[1:]}
 

@@ -300,6 +300,11 @@ def test_two_tier_retention_invariants(ops: list[str], s3_server: Any, tmp_path_
     assert set(remote_steps(url, good)) >= {s for s in saved[-2:] if s > lost_upto}, ops
 
 
+def _rows(out: str) -> list[str]:
+    """The table rows of `autockpt ls` (not its header, nor the writer-lease line under the table)."""
+    return [line for line in out.splitlines()[1:] if not line.startswith("writer lease:")]
+
+
 def test_cli_sync_uploads_a_backlog_and_ls_shows_where(s3_url: tuple[str, dict[str, Any]], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from autockpt.cli import main
@@ -311,13 +316,13 @@ def test_cli_sync_uploads_a_backlog_and_ls_shows_where(s3_url: tuple[str, dict[s
             mgr.save(step, {"w": np.full(4, float(step))})
     flags = ["--storage-options", __import__("json").dumps({**opts, "skip_instance_cache": True})]
     assert main(["ls", url, "--local-dir", str(local), *flags]) == 0
-    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]] == ["local"] * 3
+    assert [line.split()[-1] for line in _rows(capsys.readouterr().out)] == ["local"] * 3
     assert main(["sync", str(local), url, *flags]) == 0
     assert "uploaded 3 checkpoint(s)" in capsys.readouterr().out
     assert remote_steps(url, opts) == [1, 2, 3]
     assert local_steps(local) == [2, 3]  # durable now: the local tier keeps its local_max_to_keep=2 newest
     assert main(["ls", url, "--local-dir", str(local), *flags]) == 0
-    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]] == ["remote", "both", "both"]
+    assert [line.split()[-1] for line in _rows(capsys.readouterr().out)] == ["remote", "both", "both"]
 
 
 def test_local_dir_under_torch_distributed_is_refused_for_now(tmp_path: Path) -> None:

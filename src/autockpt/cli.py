@@ -1,7 +1,8 @@
 """``autockpt``: look at, verify, prune, export and import checkpoints from the command line.
 
 ```
-autockpt ls URL                      every checkpoint: step, time, size, metrics, status, why it is kept
+autockpt ls URL                      every checkpoint: step, time, size, metrics, status, why it is kept;
+                                     then who holds the writer lease and until when
 autockpt show URL [--step N]         one manifest in human form: state tree, tensors, metadata
 autockpt verify URL [--step N|--all] sizes and checksums; exit status 0 only if all verify
 autockpt prune URL --max-to-keep K   apply a retention policy offline (--dry-run deletes nothing)
@@ -14,9 +15,10 @@ a dotted key nests, e.g. ``client_kwargs.endpoint_url=http://...``; a value that
 JSON, so ``anon=true`` is a bool) and/or ``--storage-options '{"json": "object"}'``.
 
 Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a bad argument, a missing
-directory, checkpoint or file, or a value that cannot be stored. Errors are one line on standard error.
+directory, checkpoint or file, a path that is a file, missing credentials, or a value that cannot be stored.
+Errors are one line on standard error.
 
-One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``lease``, ``options``,
 ``progress``, ``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
@@ -41,12 +43,12 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
-from autockpt.lease import WriterLease
+from autockpt.lease import WriterLease, current_lease, describe
 from autockpt.options import ManagerOptions
 from autockpt.progress import format_bytes
 from autockpt.reader import check_sizes, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, TieredStorage, open_storage, step_dirname
+from autockpt.storage import Storage, TieredStorage, access_problem, open_storage, step_dirname
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -155,6 +157,9 @@ def _open_storage(args: argparse.Namespace, url: str | None = None) -> Storage:
         storage = open_storage(url, opts, getattr(args, "local_dir", None))
     except (ValueError, ImportError, TypeError) as e:
         raise CliError(f"cannot open {url!r}: {e}") from None
+    if storage.root_is_file():
+        raise CliError(f"{url} is a file, not a checkpoint directory: give the directory that holds the step_* "
+                       "directories")
     if not storage.root_exists():
         raise CliError(f"no checkpoint directory at {url}: it does not exist. Check the path or URL "
                        "(and --storage-option for credentials or an endpoint).")
@@ -296,9 +301,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-", *more])
     if len(rows) == 1:
         print(f"no checkpoints in {storage.url}")
-        return EXIT_OK
-    print(_table(rows))
+    else:
+        print(_table(rows))
+    print(_lease_line(storage))
     return EXIT_DAMAGED if bad else EXIT_OK
+
+
+def _lease_line(storage: Storage) -> str:
+    """Who holds the writer lease and until when."""
+    cur = current_lease(storage)
+    if cur is None:
+        return "writer lease: none (no writer has started here)"
+    gen, lease = cur
+    if lease is None:
+        return f"writer lease: generation {gen}, unreadable"
+    return f"writer lease: generation {gen}, {describe(lease)}"
 
 
 # ------------------------------------------------------------------------------------------------ show
@@ -696,6 +713,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (AutockptError, OSError) as e:
         print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        why = access_problem(e)  # e.g. no credentials for s3://: one line, not a traceback
+        if why is None:
+            raise
+        print(f"{_PROG} {args.command}: error: cannot read {getattr(args, 'url', '')}: {why}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)

@@ -60,7 +60,12 @@ class SaveError(AutockptError, OSError):
 
 
 class LeaseError(AutockptError):
-    """Another live process holds the writer lease of this checkpoint directory."""
+    """Another live process holds the writer lease of this checkpoint directory, or this process lost it."""
+
+
+class StorageAccessError(AutockptError, OSError):
+    """The checkpoint directory cannot be written at all: read-only, a file where the directory should be, or
+    no credentials. Permanent: raised when the writer starts (``acquire``), never retried or warned past."""
 
 
 class RankFailureError(AutockptError):

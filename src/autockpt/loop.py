@@ -152,6 +152,7 @@ class Run:
         self._watcher.install()
         originals = dict(self.state)
         try:
+            self.manager.acquire()  # a second writer fails here, before restoring and training
             try:
                 restored = self.manager.restore(self.state)
             except StateMismatchError as e:  # written before the loop's own entry existed: restore the rest

@@ -25,6 +25,7 @@ from autockpt.errors import (
     InvalidArgumentError,
     LeaseError,
     SaveError,
+    StorageAccessError,
 )
 from autockpt.format import (
     CHECKSUM,
@@ -40,7 +41,7 @@ from autockpt.progress import ProgressReporter
 from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
 from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
-from autockpt.storage import Storage, open_storage, step_dirname, transient
+from autockpt.storage import Storage, access_problem, open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
@@ -84,10 +85,17 @@ class CheckpointManager:
         upload_deadline_s: on preemption, how long to wait for the final checkpoint to become durable. 20 s
             fits the shortest common notice: GCP and Azure spot VMs and a Kubernetes pod's default grace
             period give 30 s after SIGTERM (AWS spot gives 120 s), leaving time for the local save and exit.
+        lease_ttl: seconds the writer lease lives without renewal (default 30): a writer that stops renewing
+            (killed, paused, cut off) is taken over after this long; a paused writer that wakes up later
+            commits and deletes nothing.
+        lease_renew_seconds: how often the lease is renewed in the background; ``None``: ``lease_ttl / 3``.
 
-    Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
-    heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
-    Transient errors of remote storage are retried with bounded backoff.
+    Only one process writes to a directory at a time: :meth:`acquire` (called by ``autockpt.resume`` and the
+    callbacks when training starts, else by the first ``save()``) takes the writer lease, renewed by a
+    heartbeat and released by ``close()``; a second live writer gets ``LeaseError``, as does a writer that lost
+    the lease, before it commits or deletes anything. Reading never needs it. A directory that cannot be
+    written (read-only, a file, no credentials) raises ``StorageAccessError`` there. Transient errors of
+    remote storage are retried with bounded backoff.
 
     A step is the number of completed optimizer updates; the checkpoint of step N holds the state after N
     updates. The state is a mapping of names to objects with ``state_dict()``/``load_state_dict()`` (torch
@@ -127,12 +135,14 @@ class CheckpointManager:
         local_max_to_keep: int = 2,
         upload_deadline_s: float = 20.0,
         rank_timeout: float = 300.0,
+        lease_ttl: float = 30.0,
+        lease_renew_seconds: float | None = None,
     ) -> None:
         check_directory(directory)
         self.options = ManagerOptions(
             max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
             storage_options, max_consecutive_failures, progress, distributed, local_dir, local_max_to_keep,
-            upload_deadline_s, rank_timeout,
+            upload_deadline_s, rank_timeout, lease_ttl, lease_renew_seconds,
         )
         if local_dir is not None and distributed is not False and process_group_initialized():
             raise InvalidArgumentError(
@@ -159,10 +169,41 @@ class CheckpointManager:
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)
-        self._lease = WriterLease(self.storage)  # held by the writing rank only
-        if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
-            self.storage.cleanup(self.storage.scan())
-            self._lease.remove_stale()
+        self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
+        try:
+            if self.storage.root_is_file():
+                raise StorageAccessError(f"{self.directory} is a file, not a directory: give the path of a "
+                                         "directory for the checkpoints (it is created if missing)")
+            if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
+                self.storage.cleanup(self.storage.scan())  # leftovers of a crash: never a committed checkpoint
+                self._lease.remove_stale()  # a dead writer's lease file of an older autockpt
+        except Exception as e:
+            why = access_problem(e)  # no credentials, say: not retried, not found out three saves later
+            if why is None:
+                raise
+            raise StorageAccessError(f"cannot use {self.directory}: {why}") from None
+
+    # ------------------------------------------------------------------------------------------ the lease
+    def acquire(self) -> None:
+        """Become the directory's one writer now: take the lease (collective: call it on every rank).
+
+        Raises ``LeaseError`` if another live process writes there, ``StorageAccessError`` if the directory
+        cannot be written (read-only, a file, no credentials), on every rank. Leftovers of an interrupted save
+        are removed once the lease is ours. ``save()`` calls it when needed; call it first to fail before
+        restoring and training. Idempotent.
+
+        ```python
+        import autockpt
+        mgr = autockpt.CheckpointManager("/tmp/acquire_demo")
+        mgr.acquire()  # this process is the writer now
+        mgr.close()    # releases the lease
+        ```
+        """
+        if self._closed:
+            raise InvalidArgumentError("this CheckpointManager is closed; create a new one to save")
+        problem = self._coord.broadcast_from_writer(self._take_lease() if self._coord.is_writer else None)
+        if problem is not None:
+            raise problem
 
     # ------------------------------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -276,7 +317,7 @@ class CheckpointManager:
                 tree[k] = per_rank.node([ranks[k] for ranks in every])
         problem = self._coord.broadcast_from_writer(self._take_lease() if self._coord.is_writer else None)
         if problem is not None:  # every rank learns of it, so that no rank waits for the others
-            if isinstance(problem, LeaseError):
+            if isinstance(problem, (LeaseError, StorageAccessError)):
                 raise problem
             self._failed(problem)
             return False
@@ -310,17 +351,23 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return True
 
-    def _take_lease(self) -> LeaseError | SaveError | None:
+    def _take_lease(self) -> LeaseError | StorageAccessError | SaveError | None:
         """Hold the writer lease (cleaning leftovers once it is ours); the problem, as an error, if that failed."""
         try:
-            self._lease.check()
-            if not self._lease.held:
+            if self._lease.held:
+                self._lease.guard()
+            else:
                 self._lease.acquire()
                 self.storage.cleanup(self.storage.scan())
         except LeaseError as e:
             return LeaseError(str(e))
-        except OSError as e:
-            return SaveError(f"cannot write to {self.directory}: {e!r}")
+        except Exception as e:
+            why = access_problem(e)
+            if why is not None:
+                return StorageAccessError(f"cannot write checkpoints to {self.directory}: {why}")
+            if isinstance(e, OSError):
+                return SaveError(f"cannot write to {self.directory}: {e!r}")
+            raise
         return None
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
@@ -394,7 +441,7 @@ class CheckpointManager:
         size = sum(f["size"] for f in files.values())
         log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
-        if self._coord.is_writer:
+        if self._coord.is_writer:  # the commit just checked the lease; each delete asks it again (storage.guard)
             self._prune(step, committed | {step})
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:

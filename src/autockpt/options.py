@@ -77,6 +77,8 @@ class ManagerOptions:
     local_max_to_keep: int = 2
     upload_deadline_s: float = 20.0
     rank_timeout: float = 300.0
+    lease_ttl: float = 30.0
+    lease_renew_seconds: float | None = None
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,16 @@ class ManagerOptions:
         if self.rank_timeout is None:
             raise InvalidArgumentError("rank_timeout must be a positive number of seconds, got None")
         check_positive("rank_timeout", self.rank_timeout, float)
+        check_positive("lease_ttl", self.lease_ttl, float)
+        if self.lease_ttl is None:
+            raise InvalidArgumentError("lease_ttl must be a positive float, got None")
+        check_positive("lease_renew_seconds", self.lease_renew_seconds, float)
+        if self.lease_renew_seconds is not None and self.lease_renew_seconds * 3 > self.lease_ttl * 2:
+            raise InvalidArgumentError(
+                f"lease_renew_seconds must be at most 2/3 of lease_ttl ({self.lease_ttl * 2 / 3:g} s), so that a "
+                f"renewal lands before the lease runs low; got {self.lease_renew_seconds!r}. Leave it None for "
+                "lease_ttl / 3"
+            )
         if self.distributed not in (None, True, False):
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"

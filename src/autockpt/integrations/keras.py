@@ -462,6 +462,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
 
     def _restore(self) -> None:
         assert self._state is not None
+        self.manager.acquire()  # a second writer fails here, before restoring and training
         try:
             self.restored_step = self.manager.restore(self._state)
         except StateMismatchError as e:

@@ -60,8 +60,10 @@ from typing import Any
 from autockpt.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
+    LeaseError,
     SaveError,
     StateMismatchError,
+    StorageAccessError,
     UnsupportedValueError,
 )
 from autockpt.format import TreeEncoder, is_stateful
@@ -429,9 +431,17 @@ class AutoCheckpoint(_Base):
                                               self._policy.keep_every_n_hours, self._policy.keep_best,
                                               storage_options=self.storage_options, distributed=False,
                                               local_dir=self.local_dir)
-            step = self._manager.latest_step
+            try:  # a second writer fails here, before restoring and training, on every rank
+                self._manager.acquire()
+                problem = None
+            except (LeaseError, StorageAccessError) as e:
+                problem = (type(e).__name__, str(e))
+            step = self._manager.latest_step if problem is None else None
         else:
-            step = None
+            step = problem = None
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise (LeaseError if problem[0] == "LeaseError" else StorageAccessError)(problem[1])
         step = trainer.strategy.broadcast(step, src=0)
         self._last_saved_step = step
         self._start_step = step or 0

@@ -322,6 +322,7 @@ class AutoCheckpoint(TrainerCallback):
         self._last_saved = None
         self._watcher.received = None
         try:
+            self._manager.acquire()  # a second writer fails here, before restoring and training
             if resume_from_checkpoint is None or isinstance(resume_from_checkpoint, bool):
                 resume_from_checkpoint = self._restore(trainer)  # True too: never "no checkpoint found"
             self._watcher.install()

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from autockpt.storage.base import CheckpointWriter, Listing, PayloadFile, Storage
+from autockpt.storage.base import CheckpointWriter, Fence, Listing, PayloadFile, Storage
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import (
     MANIFEST_NAME,
@@ -31,7 +31,7 @@ from autockpt.storage.names import (
     valid_file_name,
 )
 from autockpt.storage.objectstore import ObjectStoreStorage
-from autockpt.storage.retry import RETRIES, retry, transient
+from autockpt.storage.retry import RETRIES, access_problem, retry, transient
 from autockpt.storage.tiered import TieredStorage
 
 
@@ -62,7 +62,8 @@ def open_storage(
 
 
 __all__ = [
-    "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "CheckpointWriter", "Listing",
-    "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage", "TieredStorage", "open_storage", "retry",
+    "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "CheckpointWriter", "Fence", "Listing",
+    "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage", "TieredStorage", "access_problem", "open_storage",
+    "retry",
     "step_dirname", "transient", "valid_file_name",
 ]

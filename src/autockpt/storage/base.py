@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import xxhash
 
@@ -84,6 +84,16 @@ class PayloadFile:
         self._buf = None
 
 
+class Fence(Protocol):
+    """What a storage asks before it changes anything: is this process still the writer? (the writer lease)"""
+
+    def guard(self) -> None:
+        """Raise ``LeaseError`` if this process may no longer write (cheap: a remote check only when due)."""
+
+    def check(self) -> None:
+        """Raise ``LeaseError`` unless this process still holds its generation of the lease (asks the storage)."""
+
+
 class Storage(ABC):
     """One checkpoint directory. Get one with :func:`autockpt.storage.open_storage`.
 
@@ -100,6 +110,19 @@ class Storage(ABC):
     root: str
     fs: Any  # the fsspec filesystem, for tests and tools; autockpt's own modules use the methods below
     atomic_rename: bool  # the capability the commit protocol rests on; only this package branches on it
+    # Set by the writer lease once held: every change below (creating, committing, deleting) asks it first,
+    # so a writer that lost the lease (paused past it, replaced) changes nothing. None: no lease (tools).
+    fence: Fence | None = None
+
+    def guard(self) -> None:
+        """Ask the fence (if any) whether this process may still change the directory."""
+        if self.fence is not None:
+            self.fence.guard()
+
+    def check_fence(self) -> None:
+        """Ask the fence (if any), against the storage, whether this process still holds its lease: before a commit."""
+        if self.fence is not None:
+            self.fence.check()
 
     # ------------------------------------------------------------------------------------------ paths
     @abstractmethod
@@ -119,6 +142,10 @@ class Storage(ABC):
     def root_exists(self) -> bool:
         """Whether the checkpoint directory exists (as of now)."""
 
+    @abstractmethod
+    def root_is_file(self) -> bool:
+        """Whether a file (not a directory) is where the checkpoint directory should be."""
+
     # ------------------------------------------------------------------------------------------ small files
     @abstractmethod
     def read_small(self, name: str, limit: int = 65536) -> bytes:
@@ -127,6 +154,23 @@ class Storage(ABC):
     @abstractmethod
     def write_small(self, name: str, data: bytes) -> None:
         """Replace a small file directly under the root, as atomically as the storage can."""
+
+    @property
+    @abstractmethod
+    def exclusive_create(self) -> bool:
+        """Whether :meth:`create_small` is atomic: of any number of processes creating one name, one succeeds."""
+
+    @abstractmethod
+    def create_small(self, name: str, data: bytes) -> bool:
+        """Create a small file directly under the root only if there is none; True if this call created it.
+
+        Atomic where :attr:`exclusive_create` (an exclusive link on local disks, ``If-None-Match: *`` on S3);
+        elsewhere a check then a write. The file appears whole: never empty or partly written.
+        """
+
+    @abstractmethod
+    def small_files(self, prefix: str) -> list[str]:
+        """The names of the files directly under the root that start with ``prefix`` (as of now, no cache)."""
 
     @abstractmethod
     def remove_small(self, name: str) -> None:
@@ -248,7 +292,11 @@ class CheckpointWriter:
         return self.storage.retrying(attempt, f"writing {self.dir}/{name}")
 
     def commit(self, manifest: bytes) -> None:
-        """Write the manifest and make the checkpoint visible, atomically where the filesystem can."""
+        """Write the manifest and make the checkpoint visible, atomically where the filesystem can.
+
+        The fence is checked against the storage first (this process still holds its lease generation).
+        """
+        self.storage.check_fence()
         self.write_file(MANIFEST_NAME, lambda f: f.write(manifest))
         self.storage.finish_checkpoint(self.dir, self.step)
         self.committed = True

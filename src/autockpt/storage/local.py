@@ -73,6 +73,9 @@ class LocalStorage(Storage):
     def root_exists(self) -> bool:
         return os.path.isdir(self.root)
 
+    def root_is_file(self) -> bool:
+        return os.path.exists(self.root) and not os.path.isdir(self.root)
+
     # ------------------------------------------------------------------------------------------ small files
     def read_small(self, name: str, limit: int = 65536) -> bytes:
         with open(self.path(name), "rb") as f:
@@ -85,6 +88,48 @@ class LocalStorage(Storage):
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+
+    @property
+    def exclusive_create(self) -> bool:
+        return True
+
+    def create_small(self, name: str, data: bytes) -> bool:
+        os.makedirs(self.root, exist_ok=True)
+        path = self.path(name)
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # link() never replaces: of all processes linking one name, exactly one succeeds (NFS too)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return self._create_excl(path, data)  # a filesystem without hard links: O_EXCL
+        finally:
+            os.unlink(tmp)
+
+    @staticmethod
+    def _create_excl(path: str, data: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def small_files(self, prefix: str) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.root) if n.startswith(prefix) and ".tmp-" not in n]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def remove_small(self, name: str) -> None:
         os.unlink(self.path(name))
@@ -150,6 +195,7 @@ class LocalStorage(Storage):
 
     # ------------------------------------------------------------------------------------------ writing
     def begin_checkpoint(self, step: int) -> str:
+        self.guard()
         os.makedirs(self.root, exist_ok=True)
         directory = self.path(f".tmp-{step_dirname(step)}-{secrets.token_hex(4)}")
         os.mkdir(directory)
@@ -157,6 +203,7 @@ class LocalStorage(Storage):
 
     @contextmanager
     def open_for_write(self, path: str) -> Iterator[BinaryIO]:
+        self.guard()
         with open(path, "wb") as f:
             yield f
             f.flush()
@@ -168,6 +215,7 @@ class LocalStorage(Storage):
     def finish_checkpoint(self, directory: str, step: int) -> None:
         final = self.path(step_dirname(step))
         self.fsync_dir(directory)
+        self.guard()
         if os.path.exists(final):  # a damaged checkpoint of the same step: move it out of the way
             trash = self.path(f".tmp-del-{step_dirname(step)}-{secrets.token_hex(4)}")
             os.rename(final, trash)
@@ -180,6 +228,7 @@ class LocalStorage(Storage):
 
     # ------------------------------------------------------------------------------------------ deleting
     def remove_our_files(self, dirpath: str) -> None:
+        self.guard()
         try:
             names = os.listdir(dirpath)
         except FileNotFoundError:
@@ -194,6 +243,7 @@ class LocalStorage(Storage):
             log.warning("autockpt left %s in place: it holds files autockpt did not write", dirpath)
 
     def delete(self, step: int) -> None:
+        self.guard()
         name = step_dirname(step)
         trash = self.path(f".tmp-del-{name}-{secrets.token_hex(4)}")
         try:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import secrets
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, TypeVar
+
+from fsspec.implementations.memory import MemoryFileSystem
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.storage.base import Listing, PayloadFile, Storage
@@ -27,6 +31,7 @@ from autockpt.storage.retry import retry
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
+_MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes its check-then-write atomic
 
 
 class ObjectStoreStorage(Storage):
@@ -36,6 +41,7 @@ class ObjectStoreStorage(Storage):
 
     def __init__(self, url: str, root: str, fs: Any) -> None:
         self.url, self.root, self.fs = url, root, fs
+        self._exclusive: bool | None = None
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -78,12 +84,68 @@ class ObjectStoreStorage(Storage):
         self.fs.invalidate_cache(self.root)
         return bool(self.fs.isdir(self.root))
 
+    def root_is_file(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.isfile(self.root))
+
     # ------------------------------------------------------------------------------------------ small files
     def read_small(self, name: str, limit: int = 65536) -> bytes:
         return bytes(self.fs.cat_file(self.path(name)))
 
     def write_small(self, name: str, data: bytes) -> None:
         self.fs.pipe_file(self.path(name), data)
+
+    @property
+    def exclusive_create(self) -> bool:
+        """s3fs sends ``If-None-Match: *`` (S3 and compatible servers since 2024): probed once, since a server
+        may ignore the header; memory:// is atomic under a process lock; other filesystems: no."""
+        if self._exclusive is None:
+            if isinstance(self.fs, MemoryFileSystem):
+                self._exclusive = True
+            elif type(self.fs).__module__.split(".")[0] == "s3fs":
+                self._exclusive = self._probe()
+            else:
+                self._exclusive = False
+        return self._exclusive
+
+    def _probe(self) -> bool:
+        """Whether the server refuses a second conditional create of one object (it enforces If-None-Match)."""
+        name = f".autockpt-probe-{secrets.token_hex(4)}"
+        try:
+            if not self._conditional_put(name, b"1"):
+                return False
+            return not self._conditional_put(name, b"2")
+        finally:
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+
+    def _conditional_put(self, name: str, data: bytes) -> bool:
+        try:
+            retry(lambda: self.fs.pipe_file(self.path(name), data, mode="create"), f"creating {self.path(name)}")
+            return True
+        except FileExistsError:
+            return False
+
+    def create_small(self, name: str, data: bytes) -> bool:
+        path = self.path(name)
+        if isinstance(self.fs, MemoryFileSystem):
+            with _MEMORY_LOCK:
+                if self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data)
+                return True
+        if self.exclusive_create:
+            return self._conditional_put(name, data)
+        self.fs.invalidate_cache(self.root)
+        if self.fs.exists(path):  # no atomic create here: a check, then a write (the lease warns once)
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def small_files(self, prefix: str) -> list[str]:
+        return [n for n in self._names() if n.startswith(prefix)]
 
     def remove_small(self, name: str) -> None:
         self.fs.rm_file(self.path(name))
@@ -133,6 +195,7 @@ class ObjectStoreStorage(Storage):
 
     # ------------------------------------------------------------------------------------------ writing
     def begin_checkpoint(self, step: int) -> str:
+        self.guard()
         directory = self.path(step_dirname(step))
         retry(lambda: self.fs.makedirs(directory, exist_ok=True), f"creating {directory}")
         manifest = posixpath.join(directory, MANIFEST_NAME)
@@ -142,8 +205,15 @@ class ObjectStoreStorage(Storage):
 
     @contextmanager
     def open_for_write(self, path: str) -> Iterator[BinaryIO]:
-        with self.fs.open(path, "wb") as f:
+        self.guard()
+        f = self.fs.open(path, "wb")
+        try:
             yield f
+            self.guard()  # the object appears when the file closes: ask again just before
+        except BaseException:
+            _discard(f)  # not uploaded: a writer that lost its lease must not replace anything
+            raise
+        f.close()
 
     def retrying(self, fn: Callable[[], T], what: str) -> T:
         return retry(fn, what)
@@ -153,6 +223,7 @@ class ObjectStoreStorage(Storage):
 
     # ------------------------------------------------------------------------------------------ deleting
     def remove_our_files(self, dirpath: str) -> None:
+        self.guard()
         try:
             self.fs.invalidate_cache(dirpath)
             listed = retry(lambda: self.fs.ls(dirpath, detail=False), f"listing {dirpath}")
@@ -184,3 +255,12 @@ def _fill(f: Any, view: memoryview, path: str) -> None:
         if not n:
             raise CorruptCheckpointError(f"{path}: ended after {got} of {len(view)} bytes")
         got += n
+
+
+def _discard(f: Any) -> None:
+    """Throw away a file being written instead of uploading it at close (where the filesystem can)."""
+    try:
+        f.discard()
+        f.closed = True  # fsspec's buffered files: close() and __del__ then upload nothing
+    except Exception:
+        pass

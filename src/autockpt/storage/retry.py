@@ -17,9 +17,35 @@ RETRIES = 5
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                "DefaultCredentialsError", "ClientAuthenticationError")
+
+
+def access_problem(e: BaseException) -> str | None:
+    """What is permanently wrong with a directory, if ``e`` says it cannot be written at all, in words; else None.
+
+    Read-only or forbidden, a file where a directory should be, missing credentials: never retried.
+
+    ```python
+    import errno
+    from autockpt.storage.retry import access_problem
+    assert "read-only" in access_problem(OSError(errno.EROFS, "Read-only file system"))
+    assert access_problem(TimeoutError()) is None
+    ```
+    """
+    if type(e).__name__ in _CREDENTIALS:
+        return (f"no credentials to reach it ({e}): set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY), a profile, or storage_options (e.g. key=..., secret=...)")
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return f"a file is where a directory should be ({e}): give a directory path"
+    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES)):
+        return f"it is read-only or not writable by this user ({e}): give a writable directory"
+    return None
+
+
 def transient(e: BaseException) -> bool:
     """Whether an error of a remote filesystem is worth retrying (timeouts, dropped connections, 5xx)."""
-    if isinstance(e, _PERMANENT) or isinstance(e, CorruptCheckpointError):
+    if isinstance(e, _PERMANENT) or isinstance(e, CorruptCheckpointError) or access_problem(e) is not None:
         return False
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EINVAL):
         return False

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, TypeVar
 import xxhash
 
 from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError
-from autockpt.storage.base import Listing, PayloadFile, Storage
+from autockpt.storage.base import Fence, Listing, PayloadFile, Storage
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
@@ -162,6 +162,34 @@ class TieredStorage(Storage):
 
     def root_exists(self) -> bool:
         return self.local.root_exists() or self.remote.root_exists()
+
+    def root_is_file(self) -> bool:
+        return self.local.root_is_file() or self.remote.root_is_file()
+
+    # The lease and its small files live on the remote (the source of truth), and its fence guards the remote:
+    # a writer that lost the lease uploads, commits and deletes nothing there. The local tier is this node's
+    # own and is not fenced, so that saves go on while the remote (and with it the lease) is unreachable; what
+    # a writer that lost the lease commits locally never reaches the remote.
+    @property
+    def fence(self) -> Fence | None:
+        return self.remote.fence
+
+    @fence.setter
+    def fence(self, fence: Fence | None) -> None:
+        self.remote.fence = fence
+
+    def check_fence(self) -> None:
+        return None  # local commits are not fenced (above); the upload checks the remote fence before its commit
+
+    @property
+    def exclusive_create(self) -> bool:
+        return self.remote.exclusive_create
+
+    def create_small(self, name: str, data: bytes) -> bool:
+        return self.remote.create_small(name, data)
+
+    def small_files(self, prefix: str) -> list[str]:
+        return self.remote.small_files(prefix)
 
     def read_small(self, name: str, limit: int = 65536) -> bytes:
         return self.remote.read_small(name, limit)
@@ -359,6 +387,7 @@ class TieredStorage(Storage):
 
         with ThreadPoolExecutor(min(_PARALLEL, max(1, len(files)))) as pool:
             list(pool.map(send, sorted(files)))
+        self.remote.check_fence()  # as CheckpointWriter.commit: still the writer, asked of the storage
         self.remote.retrying(lambda: _write_all(self.remote, self.remote.join(directory, MANIFEST_NAME), raw),
                              f"committing {directory}")
         self.remote.finish_checkpoint(directory, step)
