@@ -2,7 +2,7 @@
 
 One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
 restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
-staging, fit, progress, reader, format, storage, errors.
+staging, fit, progress, collect, payload, reader, format, storage, errors.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from autockpt import fit
+from autockpt.collect import collect
 from autockpt.coordination import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
@@ -27,18 +28,28 @@ from autockpt.errors import (
     SaveError,
 )
 from autockpt.format import (
+    CONTENT_HASH,
     TensorEntry,
     TreeEncoder,
+    dump_manifest,
     json_plain,
     new_manifest,
 )
 from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions, check_directory
+from autockpt.payload import StoredContent, write_deduplicated
 from autockpt.progress import ProgressReporter
-from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
+from autockpt.reader import (
+    Checkpoint,
+    check_sizes,
+    newest_that_verifies,
+    open_checkpoint,
+    read_manifest,
+    referenced_bytes,
+)
 from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
-from autockpt.storage import open_storage, step_dirname, transient
+from autockpt.storage import BlobStore, open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 
@@ -68,6 +79,10 @@ class CheckpointManager:
             manager is collective: create it and call ``save``/``restore``/``latest_step`` on every rank.
             ``False`` keeps it local to this process even under a process group (for code that saves from
             one rank and coordinates the ranks itself).
+        dedup: a tensor whose bytes equal a tensor of a kept checkpoint is not written again (xxh3-128 content
+            hash); new tensors go into pack files under ``DIR/blobs/``, shared by the checkpoints that refer to
+            them, and packs no checkpoint refers to any more are collected after each prune. ``False`` writes
+            self-contained checkpoint directories. Sharded multi-process saves are always self-contained.
 
     Only one process writes to a directory at a time: the first ``save()`` takes a lease (renewed by a
     heartbeat, released by ``close()``); a second live writer gets ``LeaseError``. Reading never needs it.
@@ -102,11 +117,12 @@ class CheckpointManager:
         max_consecutive_failures: int = 3,
         progress: bool = False,
         distributed: bool | None = None,
+        dedup: bool = True,
     ) -> None:
         check_directory(directory)
         self.options = ManagerOptions(
             max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
-            storage_options, max_consecutive_failures, progress, distributed,
+            storage_options, max_consecutive_failures, progress, distributed, dedup,
         )
         self.policy = self.options.policy
         self.progress = progress
@@ -126,8 +142,11 @@ class CheckpointManager:
         self._coord = coordinator_for(self.storage, distributed)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage)  # held by the writing rank only
+        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory.
+        self.dedup = dedup and self._coord.world_size == 1
+        self._blobs = BlobStore(self.storage)
         if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
-            self.storage.cleanup(self.storage.scan())
+            self._cleanup()
             self._lease.remove_stale()
 
     # ------------------------------------------------------------------------------------------ queries
@@ -240,12 +259,49 @@ class CheckpointManager:
             self._lease.check()
             if not self._lease.held:
                 self._lease.acquire()
-                self.storage.cleanup(self.storage.scan())
+                self._cleanup()
         except LeaseError as e:
             return LeaseError(str(e))
         except OSError as e:
             return SaveError(f"cannot write to {self.directory}: {e!r}")
         return None
+
+    def _cleanup(self) -> None:
+        """Remove leftovers of interrupted saves and finish an interrupted collection (the writer, no save in
+        flight)."""
+        self.storage.cleanup(self.storage.scan())
+        collect(self.storage, self._manifest)
+
+    def _known_content(self, committed: set[int]) -> dict[str, StoredContent]:
+        """Content hash -> where its bytes lie, over the packs of the kept checkpoints that still exist."""
+        packs: dict[str, int] | None = None
+        known: dict[str, StoredContent] = {}
+        for step in sorted(committed):
+            try:
+                m = self._manifest(step)
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                continue
+            if not m.get("blobs"):
+                continue
+            if packs is None:
+                packs = self._blobs.packs()  # once per save: a pack that went missing is not referred to again
+            for t in m["tensors"].values():
+                blob = t.get("blob")
+                if blob is not None and packs.get(blob) == m["blobs"][blob]["size"]:
+                    known[t[CONTENT_HASH]] = StoredContent(blob, (t["offsets"][0], t["offsets"][1]), packs[blob])
+        return known
+
+    def _write_deduplicated(
+        self, step: int, entries: list[TensorEntry], make_manifest: Any, committed: set[int],
+        on_bytes: Any,
+    ) -> tuple[dict[str, Any], int]:
+        known = self._known_content(committed)
+        with self.storage.writer(step) as w:
+            blobs, tensors, written = write_deduplicated(self._blobs, step, entries, known, self.shard_bytes,
+                                                         on_bytes)
+            manifest = make_manifest({}, tensors, blobs)
+            w.commit(dump_manifest(manifest))
+        return manifest, written
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
         """Apply the failure policy: warn and go on, or raise at the N-th consecutive failure."""
@@ -292,12 +348,16 @@ class CheckpointManager:
         total = sum(e.nbytes for e in entries)
         try:
             with ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
-                manifest = self._coord.write(
-                    self.storage, step, entries, self.shard_bytes,
-                    lambda files, tensors: new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
-                    on_bytes=bar.update if bar.active else None,
-                )
-            files = manifest["files"]
+                def make(files: Any, tensors: Any, blobs: Any = None) -> dict[str, Any]:
+                    return new_manifest(step, tree, tensors, files, metrics, metadata, run_start, blobs)
+
+                on_bytes = bar.update if bar.active else None
+                if self.dedup:
+                    manifest, written = self._write_deduplicated(step, entries, make, committed, on_bytes)
+                else:
+                    manifest = self._coord.write(self.storage, step, entries, self.shard_bytes, make,
+                                                 on_bytes=on_bytes)
+                    written = sum(f["size"] for f in manifest["files"].values())
         except SaveError:
             raise
         except Exception as e:
@@ -314,11 +374,13 @@ class CheckpointManager:
         self._failures = 0
         self._manifests[step] = manifest
         secs = time.perf_counter() - t0
-        size = sum(f["size"] for f in files.values())
-        log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
-                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
+        size = referenced_bytes(manifest)
+        log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)%s", step, self.directory,
+                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9),
+                 f"; {written / 1e6:.1f} MB written, the rest shared" if self.dedup else "")
         if self._coord.is_writer:
             self._prune(step, committed | {step})
+            collect(self.storage, self._manifest)  # packs that only pruned checkpoints referred to
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
@@ -402,7 +464,7 @@ class CheckpointManager:
         if found is None:
             return None
         s, ckpt = found
-        size = sum(f["size"] for f in ckpt.manifest["files"].values())
+        size = referenced_bytes(ckpt.manifest)
         with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
             self._coord.run_raising_everywhere(fit.check, state, ckpt.manifest["state"], ckpt.metas)
             ckpt.on_bytes = bar.update

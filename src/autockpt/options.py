@@ -64,6 +64,7 @@ class ManagerOptions:
     max_consecutive_failures: int = 3
     progress: bool = False
     distributed: bool | None = None
+    dedup: bool = True
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class ManagerOptions:
             raise InvalidArgumentError(f"storage_options must be a dict or None, got {self.storage_options!r}")
         check_positive("max_consecutive_failures", self.max_consecutive_failures, int)
         check_bool("progress", self.progress)
+        check_bool("dedup", self.dedup)
         if self.distributed not in (None, True, False):
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"

@@ -43,13 +43,14 @@ def safetensors_header(entries: list[TensorEntry]) -> tuple[bytes, dict[str, lis
 
 
 def write_safetensors(
-    f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None
+    f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None, checksum: bool = True
 ) -> tuple[int, str, dict[str, list[int]]]:
     """Stream ``entries`` into ``f`` as a safetensors file; returns (size, xxh3-64 hex, offsets).
 
-    ``on_bytes(n)`` is told of every chunk written (for progress reporting)."""
+    ``on_bytes(n)`` is told of every chunk written (for progress reporting). ``checksum=False`` (a pack, whose
+    tensors were hashed one by one before) skips the file checksum and returns "" for it."""
     header, offsets = safetensors_header(entries)
-    h = xxhash.xxh3_64()
+    h: Any = xxhash.xxh3_64() if checksum else _NoHash()
     pending = bytearray(header)  # small tensors are gathered into few large writes
     size = 0
 
@@ -82,6 +83,14 @@ def write_safetensors(
         size += len(data)
     flush()
     return size, h.hexdigest(), offsets
+
+
+class _NoHash:
+    def update(self, data: Any) -> None:
+        return None
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def parse_safetensors_header(

@@ -77,6 +77,21 @@ class PayloadFile:
             pos += n
         return h.hexdigest()
 
+    def content_hash(self, offset: int, n: int) -> str:
+        """The xxh3-128 of ``n`` bytes from ``offset`` (a deduplicated tensor's bytes), streamed in chunks."""
+        if self._buf is not None:
+            return xxhash.xxh3_128_hexdigest(memoryview(self._buf)[offset : offset + n])
+        h = xxhash.xxh3_128()
+        chunk = bytearray(min(_CHUNK, max(n, 1)))
+        view = memoryview(chunk)
+        pos = 0
+        while pos < n:
+            k = min(len(chunk), n - pos)
+            self.read_into(offset + pos, view[:k])
+            h.update(view[:k])
+            pos += k
+        return h.hexdigest()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
