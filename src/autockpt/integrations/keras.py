@@ -302,6 +302,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         keep_best: how many best checkpoints to keep when ``monitor`` is set.
         async_save: write in a background thread (see ``CheckpointManager``).
         storage_options: passed to fsspec.
+        dedup: tensors unchanged since a kept checkpoint are not written again (see ``CheckpointManager``);
+            ``False`` writes self-contained checkpoints.
         signals: signals that save the newest completed batch and stop training (SIGTERM, SIGUSR1).
         exit_on_preemption: after such a signal stopped training and its checkpoint is committed, leave the
             process with ``SystemExit(128 + signal)`` (143 for SIGTERM) once ``fit`` has finished its
@@ -345,6 +347,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         storage_options: dict[str, Any] | None = None,
         signals: Iterable[int | str] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_preemption: bool = True,
+        dedup: bool = True,
     ) -> None:
         super().__init__()
         if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool)
@@ -364,6 +367,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         self.manager = CheckpointManager(
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
             save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
+            dedup=dedup,
         )
         self.save_every_seconds = save_every_seconds
         self.restored_step: int | None = None

@@ -65,6 +65,7 @@ from autockpt.errors import (
 )
 from autockpt.format import TreeEncoder, is_stateful
 from autockpt.manager import CheckpointManager
+from autockpt.options import check_bool
 from autockpt.preemption import DEFAULT_SIGNALS, PreemptionWatcher
 from autockpt.reader import load
 from autockpt.retention import KeepBest, RetentionPolicy
@@ -307,6 +308,8 @@ class AutoCheckpoint(_Base):
             (from ``trainer.callback_metrics``), lower is better with ``mode="min"``. A metric logged in
             validation is stored only with the checkpoint of the weights it was computed for.
         storage_options: passed to fsspec (credentials, endpoint URL, ...).
+        dedup: tensors unchanged since a kept checkpoint (a frozen backbone) are not written again (see
+            ``CheckpointManager``); ``False`` writes self-contained checkpoints.
         preemption_signals: signals that mean "save and stop"; ``None`` turns it off.
         exit_on_preemption: after a signal stopped training and its checkpoint is committed, leave the process
             with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
@@ -351,6 +354,7 @@ class AutoCheckpoint(_Base):
         storage_options: dict[str, Any] | None = None,
         preemption_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
         exit_on_preemption: bool = True,
+        dedup: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -381,6 +385,8 @@ class AutoCheckpoint(_Base):
         self.monitor = monitor
         self.storage_options = dict(storage_options or {})
         self.exit_on_preemption = exit_on_preemption
+        check_bool("dedup", dedup)
+        self.dedup = dedup
         self._watcher = _Watcher(preemption_signals) if preemption_signals is not None else None
         self.restored_step: int | None = None
         self.preempted = False
@@ -426,7 +432,8 @@ class AutoCheckpoint(_Base):
             # only global rank 0 has a manager; this callback agrees with the other ranks itself
             self._manager = CheckpointManager(self.directory, self._policy.max_to_keep,
                                               self._policy.keep_every_n_hours, self._policy.keep_best,
-                                              storage_options=self.storage_options, distributed=False)
+                                              storage_options=self.storage_options, distributed=False,
+                                              dedup=self.dedup)
             step = self._manager.latest_step
         else:
             step = None
