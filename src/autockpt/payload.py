@@ -8,6 +8,7 @@ written) and describe them for the manifest. Imports ``autockpt.format`` and ``a
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,8 @@ import xxhash
 
 from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, tensor_bytes, write_safetensors
 from autockpt.storage import BlobStore, CheckpointWriter, step_dirname
+
+_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,16 @@ def write_deduplicated(
     """
     where: dict[str, StoredContent] = dict(known)
     new: dict[str, TensorEntry] = {}
-    hashes: list[str] = []
-    for e in entries:
-        data = tensor_bytes(e.value)
+    datas = [tensor_bytes(e.value) for e in entries]
+    for e, data in zip(entries, datas, strict=True):
         if len(data) != e.nbytes:
             raise ValueError(f"tensor {e.name!r} has {len(data)} bytes, expected {e.nbytes}")
-        digest = xxhash.xxh3_128_hexdigest(data)
-        hashes.append(digest)
+    if sum(e.nbytes for e in entries) >= 2**24 and _HASH_THREADS > 1:  # xxhash releases the GIL: hash in parallel
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="autockpt-hash") as pool:
+            hashes = list(pool.map(xxhash.xxh3_128_hexdigest, datas))
+    else:
+        hashes = [xxhash.xxh3_128_hexdigest(d) for d in datas]
+    for e, data, digest in zip(entries, datas, hashes, strict=True):
         stored = where.get(digest)
         if (stored is None or stored.offsets[1] - stored.offsets[0] != e.nbytes) and digest not in new:
             # the host bytes just hashed are the bytes written (no second device copy, no change in between)

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -39,6 +40,7 @@ from autockpt.storage import BLOBS_DIR, BlobStore, PayloadFile, Storage, open_st
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
+_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -246,7 +248,7 @@ def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, wh
         ckpt.files[key] = (f, 0)
         start, header = parse_safetensors_header(f.read, info["size"], f"{storage.url}/{key}")
         ckpt.files[key] = (f, start)
-        checked: set[tuple[str, int, int]] = set()
+        checks: dict[tuple[str, int, int], str] = {}
         for n, t in manifest["tensors"].items():
             if t.get("blob") != pname:
                 continue
@@ -257,10 +259,14 @@ def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, wh
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} is not where the manifest says in pack {pname}")
             if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
-            if (digest, b, e) not in checked:
-                if f.content_hash(start + b, e - b) != digest:
-                    raise CorruptCheckpointError(f"{where}: tensor {n!r} does not match its hash in pack {pname}")
-                checked.add((digest, b, e))
+            checks.setdefault((digest, b, e), n)
+        # every referenced range is hashed once, several at a time (xxhash releases the GIL)
+        keys = list(checks)
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="autockpt-verify") as pool:
+            got = list(pool.map(lambda k, f=f, start=start: f.content_hash(start + k[1], k[2] - k[1]), keys))
+        for ref, actual in zip(keys, got, strict=True):
+            if actual != ref[0]:
+                raise CorruptCheckpointError(f"{where}: tensor {checks[ref]!r} does not match its hash in pack {pname}")
 
 
 def newest_that_verifies(

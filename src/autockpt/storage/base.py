@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +25,7 @@ from autockpt.storage.names import MANIFEST_NAME, step_dirname
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
 _CHUNK = 4 * 2**20
+_scratch = threading.local()
 
 
 @dataclass
@@ -82,7 +84,9 @@ class PayloadFile:
         if self._buf is not None:
             return xxhash.xxh3_128_hexdigest(memoryview(self._buf)[offset : offset + n])
         h = xxhash.xxh3_128()
-        chunk = bytearray(min(_CHUNK, max(n, 1)))
+        chunk = getattr(_scratch, "buf", None)  # one buffer per thread: fresh pages are not free
+        if chunk is None:
+            chunk = _scratch.buf = bytearray(_CHUNK)
         view = memoryview(chunk)
         pos = 0
         while pos < n:
