@@ -317,3 +317,22 @@ def test_random_saves_prunes_crashes_keep_every_checkpoint_and_leave_no_garbage(
 @given(ops=_OPS)
 def test_random_programs_on_s3(s3_server: Any, ops: list[tuple[str, Any]]) -> None:
     _random_program(f"s3://{s3_server.new_bucket()}/run", s3_server.storage_options, ops)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("shape", "x"), ("shape", [3]), ("offsets", [0]), ("offsets", [0, 4]), ("xxh3_128", "0" * 32),
+    ("blob", "other.safetensors"), ("blob", "../x.safetensors"), ("dtype", "??"), ("framework", "pickle"),
+])
+def test_a_tampered_deduplicated_manifest_is_refused_as_corrupt(tmp_path: Path, field: str, value: Any) -> None:
+    from autockpt.format import dump_manifest
+    from autockpt.storage.names import MANIFEST_NAME
+
+    with autockpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": torch.arange(6, dtype=torch.float32), "v": torch.ones(3)})
+    s = open_storage(str(tmp_path))
+    m = read_manifest(s, 1)
+    m["tensors"]["w"][field] = value
+    (tmp_path / "step_0000000001" / MANIFEST_NAME).write_bytes(dump_manifest(m))
+    with pytest.raises(autockpt.errors.CorruptCheckpointError):
+        open_checkpoint(s, 1).close()
+    assert autockpt.CheckpointManager(tmp_path).restore({"w": torch.zeros(6), "v": torch.zeros(3)}) is None

@@ -252,10 +252,14 @@ def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, wh
         for n, t in manifest["tensors"].items():
             if t.get("blob") != pname:
                 continue
-            digest, (b, e) = t[CONTENT_HASH], t["offsets"]
-            h = header.get(digest)
-            nbytes = math.prod(t["shape"]) * ST_DTYPES[t["dtype"]][1] if t.get("dtype") in ST_DTYPES else -1
-            if h is None or list(h["data_offsets"]) != [b, e] or e - b != nbytes:
+            try:
+                digest, (b, e) = t[CONTENT_HASH], t["offsets"]
+                h = header.get(digest)
+                nbytes = math.prod(t["shape"]) * ST_DTYPES[t["dtype"]][1]
+                ok = h is not None and list(h["data_offsets"]) == [b, e] and e - b == nbytes
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} is not where the manifest says in pack {pname}")
             if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
