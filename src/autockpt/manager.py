@@ -145,6 +145,8 @@ class CheckpointManager:
         # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory.
         self.dedup = dedup and self._coord.world_size == 1
         self._blobs = BlobStore(self.storage)
+        self._hashes: dict[str, str] = {}  # tensor name -> content hash at the previous save (dedup)
+        self._changing: set[str] = set()  # tensors whose content changed at the previous save
         if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
             self._cleanup()
             self._lease.remove_stale()
@@ -297,10 +299,13 @@ class CheckpointManager:
     ) -> tuple[dict[str, Any], int]:
         known = self._known_content(committed)
         with self.storage.writer(step) as w:
-            blobs, tensors, written = write_deduplicated(self._blobs, step, entries, known, self.shard_bytes,
-                                                         on_bytes)
+            blobs, tensors, written, hashes = write_deduplicated(
+                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing))
             manifest = make_manifest({}, tensors, blobs)
             w.commit(dump_manifest(manifest))
+        # tensors that changed since the previous save are written without hashing first at the next one
+        self._changing = {n for n, d in hashes.items() if n in self._hashes and self._hashes[n] != d}
+        self._hashes = hashes
         return manifest, written
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
