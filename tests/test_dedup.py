@@ -336,3 +336,19 @@ def test_a_tampered_deduplicated_manifest_is_refused_as_corrupt(tmp_path: Path, 
     with pytest.raises(autockpt.errors.CorruptCheckpointError):
         open_checkpoint(s, 1).close()
     assert autockpt.CheckpointManager(tmp_path).restore({"w": torch.zeros(6), "v": torch.zeros(3)}) is None
+
+
+def test_async_saves_deduplicate_and_collect_in_the_background(tmp_path: Path) -> None:
+    backbone, head, opt = _frozen_backbone(0)
+    state = {"backbone": backbone, "head": head, "opt": opt}
+    with autockpt.CheckpointManager(tmp_path, max_to_keep=1, async_save=True) as mgr:
+        for step in (1, 2, 3):
+            _train(backbone, head, opt, 1)
+            assert mgr.save(step, state)
+    s = open_storage(str(tmp_path))
+    assert sorted(s.scan().committed) == [3]
+    assert {n for n in _new_packs(s, 3) if not n.startswith("opt/")} == {"head/weight", "head/bias"}
+    _assert_no_garbage(s, "async")
+    got = autockpt.load(str(tmp_path))
+    assert torch.equal(got["head"]["weight"], head.weight)
+    assert torch.equal(got["backbone"]["2.weight"], backbone[2].weight)
