@@ -43,7 +43,8 @@ def make_run(url: str, storage_options: dict[str, Any] | None = None) -> dict[st
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = torch.optim.Adam(model.parameters())
-    with autockpt.CheckpointManager(url, max_to_keep=None, storage_options=storage_options) as mgr:
+    with autockpt.CheckpointManager(url, max_to_keep=None, storage_options=storage_options,
+                                   dedup=False) as mgr:
         for step in STEPS:
             opt.zero_grad()
             model(torch.randn(8, 4)).sum().backward()

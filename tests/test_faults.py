@@ -24,7 +24,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import autockpt
 from autockpt.errors import LeaseError, SaveError
 from autockpt.lease import current_lease, lease_name
-from autockpt.reader import open_checkpoint
+from autockpt.reader import open_checkpoint, read_manifest
 from autockpt.storage import open_storage as Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -183,11 +183,13 @@ def real_out_of_space(root: Path) -> dict[str, int]:
                 failures += 1  # the first failure warns, the second in a row raises
                 lease = lease_name(current_lease(Storage(url))[0])  # type: ignore[index]
                 assert sorted(os.listdir(url)) == sorted([f"step_{s:010d}" for s in saved] +
-                                                         [lease]), "partial files left"
+                                                         [lease, "blobs"]), "partial files left"
+                assert set(os.listdir(os.path.join(url, "blobs"))) == {  # no partial pack either
+                    p for s in saved for p in read_manifest(Storage(url), s)["blobs"]}, "partial pack left"
         failures += 1
         assert failures == 2 and len(saved) >= 2
         assert sorted(n for n in os.listdir(url) if not n.startswith(".autockpt-lease")) == [
-            f"step_{s:010d}" for s in saved]
+            "blobs"] + [f"step_{s:010d}" for s in saved]
         for s in saved:
             with open_checkpoint(Storage(url), s) as ckpt:
                 assert ckpt.state()["meta"] == {"step": s}

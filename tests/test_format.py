@@ -72,7 +72,7 @@ def test_round_trip_of_every_value_kind(tmp_path: Path) -> None:
 
 def test_files_are_plain_safetensors_and_json(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
-    with autockpt.CheckpointManager(tmp_path) as mgr:
+    with autockpt.CheckpointManager(tmp_path, dedup=False) as mgr:
         mgr.save(7, {"model": model, "epoch": 2}, metrics={"loss": 0.5}, metadata={"run": "a"})
     d = tmp_path / "step_0000000007"
     assert sorted(os.listdir(d)) == ["manifest.json", "tensors.safetensors"]

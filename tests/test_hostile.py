@@ -57,7 +57,7 @@ def make_run(root: Path) -> Path:
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     run = root / "run"
-    with autockpt.CheckpointManager(run, max_to_keep=None) as mgr:
+    with autockpt.CheckpointManager(run, max_to_keep=None, dedup=False) as mgr:
         mgr.shard_bytes = 64
         for step in (1, 2):
             opt.zero_grad()

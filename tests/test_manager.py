@@ -111,7 +111,7 @@ def _damage_payload(url: str, opts: dict[str, Any], step: int) -> None:
 def test_falls_back_past_a_damaged_newest_checkpoint(storage: tuple[str, dict[str, Any]],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     url, opts = storage
-    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+    with autockpt.CheckpointManager(url, storage_options=opts, dedup=False) as mgr:
         mgr.save(1, {"w": torch.full((4,), 1.0)})
         mgr.save(2, {"w": torch.full((4,), 2.0)})
     _damage_payload(url, opts, 2)
@@ -129,7 +129,7 @@ def test_falls_back_past_a_damaged_newest_checkpoint(storage: tuple[str, dict[st
 def test_latest_step_skips_a_checkpoint_that_fails_its_checksum(storage: tuple[str, dict[str, Any]],
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     url, opts = storage
-    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+    with autockpt.CheckpointManager(url, storage_options=opts, dedup=False) as mgr:  # damages tensors.safetensors
         mgr.save(1, {"w": torch.full((4,), 1.0)})
         mgr.save(2, {"w": torch.full((4,), 2.0)})
         _damage_payload(url, opts, 2)  # same size, one byte flipped: only the checksum can tell
@@ -138,7 +138,7 @@ def test_latest_step_skips_a_checkpoint_that_fails_its_checksum(storage: tuple[s
     assert any("step_0000000002" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
     fresh = autockpt.CheckpointManager(url, storage_options=opts)
     assert fresh.latest_step == 1 and fresh.latest_step == 1
-    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+    with autockpt.CheckpointManager(url, storage_options=opts, dedup=False) as mgr:  # damages tensors.safetensors
         mgr.save(3, {"w": torch.full((4,), 3.0)})
     # checksums are read once per manager: damage after that is what restore's own full check catches
     reader = autockpt.CheckpointManager(url, storage_options=opts)
@@ -234,7 +234,7 @@ def test_bad_arguments_fail_early(tmp_path: Path) -> None:
 
 
 def test_leftovers_of_a_crash_are_cleaned_and_foreign_files_kept(tmp_path: Path) -> None:
-    with autockpt.CheckpointManager(tmp_path) as mgr:
+    with autockpt.CheckpointManager(tmp_path, dedup=False) as mgr:
         mgr.save(1, {"w": np.ones(2)})
     (tmp_path / ".tmp-step_0000000002-0123abcd").mkdir()
     (tmp_path / ".tmp-step_0000000002-0123abcd" / "tensors.safetensors").write_bytes(b"partial")
@@ -258,7 +258,7 @@ def test_large_state_is_split_across_files_written_in_parallel(storage: tuple[st
 
     url, opts = storage
     state = {f"t{i}": np.full((100 + i,), i, np.float32) for i in range(10)}
-    with autockpt.CheckpointManager(url, storage_options=opts) as mgr:
+    with autockpt.CheckpointManager(url, storage_options=opts, dedup=False) as mgr:
         mgr.shard_bytes = 1500  # about four files for this ~4 KB state
         mgr.save(1, state)
     st = Storage(url, opts)

@@ -311,7 +311,8 @@ def test_cli_sync_uploads_a_backlog_and_ls_shows_where(s3_url: tuple[str, dict[s
 
     url, opts = s3_url
     local = tmp_path / "l"
-    with autockpt.CheckpointManager(local, max_to_keep=None) as mgr:  # a backlog left in a local dir
+    # a backlog left in a local dir (self-contained, as a tiered run writes them: tiers do not deduplicate)
+    with autockpt.CheckpointManager(local, max_to_keep=None, dedup=False) as mgr:
         for step in (1, 2, 3):
             mgr.save(step, {"w": np.full(4, float(step))})
     flags = ["--storage-options", __import__("json").dumps({**opts, "skip_instance_cache": True})]

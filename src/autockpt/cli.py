@@ -7,6 +7,7 @@ autockpt show URL [--step N]         one manifest in human form: state tree, ten
 autockpt verify URL [--step N|--all] sizes and checksums; exit status 0 only if all verify
 autockpt prune URL --max-to-keep K   apply a retention policy offline (--dry-run deletes nothing)
 autockpt export URL --to FILE        a plain state dict: .safetensors or .pt (tensors only)
+autockpt materialize URL --step N --to DIR   a self-contained copy of one checkpoint (no shared packs)
 autockpt import FILE --to URL --step N   a safetensors / torch / Lightning / Keras file as a checkpoint
 ```
 
@@ -18,8 +19,9 @@ Exit status: 0 success; 1 a checkpoint failed verification (or is damaged); 2 a 
 directory, checkpoint or file, a path that is a file, missing credentials, or a value that cannot be stored.
 Errors are one line on standard error.
 
-One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``lease``, ``options``,
-``progress``, ``reader``, ``retention``, ``storage`` and (for ``import``) ``autockpt.manager``.
+One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
+``progress``, ``reader``, ``payload``, ``format``, ``collect``, ``lease``, ``retention``, ``storage`` and (for
+``import``) ``autockpt.manager``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from autockpt._version import __version__
+from autockpt.collect import collect
 from autockpt.convert import ConversionError, flatten_tensors, read_foreign, write_tensors
 from autockpt.errors import (
     AutockptError,
@@ -43,12 +46,14 @@ from autockpt.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
+from autockpt.format import TensorEntry, dump_manifest
 from autockpt.lease import WriterLease, current_lease, describe
 from autockpt.options import ManagerOptions
+from autockpt.payload import write_payload
 from autockpt.progress import format_bytes
-from autockpt.reader import check_sizes, open_checkpoint, read_manifest
+from autockpt.reader import check_sizes, open_checkpoint, read_manifest, referenced_bytes
 from autockpt.retention import CheckpointInfo, KeepBest, RetentionPolicy
-from autockpt.storage import Storage, TieredStorage, access_problem, open_storage, step_dirname
+from autockpt.storage import BLOBS_DIR, Storage, TieredStorage, access_problem, open_storage, step_dirname
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -197,7 +202,20 @@ def _fmt_metrics(metrics: Any) -> str:
 
 
 def _payload_size(manifest: dict[str, Any]) -> int:
-    return sum(int(f["size"]) for f in manifest["files"].values())
+    """The bytes of every tensor the checkpoint refers to, wherever they lie."""
+    return referenced_bytes(manifest)
+
+
+def _pack_step(pack: str) -> int | None:
+    """The step whose save wrote a pack (packs are named ``step_N-...``)."""
+    found = re.match(r"step_(\d+)-", pack)
+    return int(found.group(1)) if found else None
+
+
+def _added_size(step: int, manifest: dict[str, Any]) -> int:
+    """The bytes this checkpoint's save wrote: its own files and the packs it wrote (not what it shares)."""
+    own = sum(int(f["size"]) for f in manifest["files"].values())
+    return own + sum(int(b["size"]) for n, b in manifest.get("blobs", {}).items() if _pack_step(n) == step)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -266,7 +284,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         args.max_to_keep = 1
     reasons = (recorded or _policy(args)).reasons(infos)
     explicit = explicit or recorded is not None
-    rows = [["STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS", "KEPT"]]
+    rows = [["STEP", "CREATED (UTC)", "SIZE", "ADDED", "METRICS", "STATUS", "KEPT"]]
     tiers: dict[int, str] = {}
     if isinstance(storage, TieredStorage):  # --local-dir: where each step is
         lease = WriterLease(storage)
@@ -276,7 +294,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for step in steps:
         m = manifests[step]
         if isinstance(m, Exception):
-            rows.append([str(step), "?", "?", "-", f"DAMAGED: {m}", "-"] + ([tiers.get(step, "?")] if tiers else []))
+            rows.append([str(step), "?", "?", "?", "-", f"DAMAGED: {m}", "-"]
+                        + ([tiers.get(step, "?")] if tiers else []))
             bad = True
             continue
         if args.verify:
@@ -291,14 +310,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             bad = bad or problem is not None
         kept = ",".join(reasons.get(step, [])) or ("prunable" if explicit else "-")
         rows.append([str(step), _fmt_time(m.get("created")), format_bytes(_payload_size(m)),
-                     _fmt_metrics(m.get("metrics")), status, kept] + ([tiers.get(step, "?")] if tiers else []))
+                     format_bytes(_added_size(step, m)), _fmt_metrics(m.get("metrics")), status, kept]
+                    + ([tiers.get(step, "?")] if tiers else []))
     more = ["-"] if tiers else []
     for name in sorted(listing.uncommitted):
-        rows.append([_leftover_step(name), "-", "-", "-", f"uncommitted: {name} has no manifest (an interrupted save)",
-                     "-", *more])
+        rows.append([_leftover_step(name), "-", "-", "-", "-",
+                     f"uncommitted: {name} has no manifest (an interrupted save)", "-", *more])
     for name in sorted(listing.temporary):
         kind = "being deleted" if name.startswith(".tmp-del-") else "an interrupted save, or one in progress"
-        rows.append([_leftover_step(name), "-", "-", "-", f"temporary: {name} ({kind})", "-", *more])
+        rows.append([_leftover_step(name), "-", "-", "-", "-", f"temporary: {name} ({kind})", "-", *more])
     if len(rows) == 1:
         print(f"no checkpoints in {storage.url}")
     else:
@@ -350,7 +370,10 @@ def _tensor_line(manifest: dict[str, Any], name: str) -> str:
     if not isinstance(t, dict):
         return f"tensor {name!r} (not listed in the manifest!)"
     b, e = t.get("offsets", [0, 0])
-    return f"tensor {t.get('dtype')} {_shape_str(t.get('shape', []))} {format_bytes(e - b)}  ({name})"
+    line = f"tensor {t.get('dtype')} {_shape_str(t.get('shape', []))} {format_bytes(e - b)}  ({name})"
+    if "blob" in t and _pack_step(t["blob"]) != manifest.get("step"):
+        line += f"  shared: written by step {_pack_step(t['blob'])}"
+    return line
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -454,6 +477,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("files")
     for fname, info in m["files"].items():
         print(f"  {fname}  {info['size']} B  xxh3_64={info.get('xxh3_64')}")
+    if m.get("blobs"):
+        shared = [n for n, t in m["tensors"].items() if _pack_step(t.get("blob", "")) != step]
+        print(f"packs        {len(m['blobs'])} in {BLOBS_DIR}/, {len(shared)} of {ntensors} tensor(s) shared with "
+              f"earlier checkpoints, {format_bytes(_added_size(step, m))} written by this save")
+        for pname, info in m["blobs"].items():
+            by = _pack_step(pname)
+            print(f"  {BLOBS_DIR}/{pname}  {info['size']} B  " + ("new" if by == step else f"shared (step {by})"))
     print("state")
     for line in _tree_lines(m["state"], m, 1):
         print(line)
@@ -481,7 +511,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         size = _payload_size(ckpt.manifest)
         ckpt.close()
-        print(f"step {step}: ok ({format_bytes(size)}, {len(ckpt.manifest['files'])} file(s), "
+        packs = f", {len(ckpt.manifest['blobs'])} shared pack(s)" if ckpt.manifest.get("blobs") else ""
+        print(f"step {step}: ok ({format_bytes(size)}, {len(ckpt.manifest['files'])} file(s){packs}, "
               f"{len(ckpt.manifest['tensors'])} tensor(s), {time.perf_counter() - t0:.2f} s)")
     if failed:
         print(f"{failed} of {len(steps)} checkpoint(s) failed verification", file=sys.stderr)
@@ -512,6 +543,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"step {step}: {verb}")
     print(f"{verb} {deleted} of {len(steps)} checkpoint(s)" + (" (dry run: nothing was deleted)" if args.dry_run
                                                               else ""))
+    if not args.dry_run:
+        lease = WriterLease(storage)
+        if lease.live_other(lease.read()):
+            print("shared packs are collected by the running writer after its next save")
+        else:
+            freed = collect(storage)
+            if freed:
+                print(f"collected {format_bytes(freed)} of shared packs no checkpoint refers to")
     return EXIT_OK
 
 
@@ -553,6 +592,38 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"`{_PROG} show` lists them", file=sys.stderr)
     total = sum(int(getattr(v, "nbytes", 0)) for v in tensors.values())
     print(f"exported {len(tensors)} tensor(s), {format_bytes(total)}, from step {step} to {dest}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ materialize
+
+
+def materialize(src: Storage, step: int, dst: Storage) -> dict[str, Any]:
+    """Write checkpoint ``step`` of ``src`` (verified first) as a self-contained checkpoint of ``dst``: its own
+    payload files, no shared packs (format version 1). Returns the new manifest."""
+    with open_checkpoint(src, step) as ckpt:
+        m = ckpt.manifest
+        entries = [TensorEntry(n, ckpt.tensor(n), t.get("framework", "numpy"), t["dtype"], list(t["shape"]))
+                   for n, t in m["tensors"].items()]
+        with dst.writer(step) as w:
+            files, tensors = write_payload(w, entries, 512 * 2**20)
+            for n, t in m["tensors"].items():  # shard descriptions and anything else but where the bytes lie
+                tensors[n].update({k: v for k, v in t.items() if k not in ("file", "blob", "offsets", "xxh3_128")})
+            body = {k: v for k, v in m.items() if k != "blobs"}
+            body.update(format_version=1, files=files, tensors=tensors)
+            w.commit(dump_manifest(body))
+    return body
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    storage = _open_storage(args)
+    step = _pick_step(storage, args.step)
+    dst = open_storage(args.to, storage_options_from(args.storage_option, args.storage_options))
+    if step in dst.scan().committed:
+        raise CliError(f"{args.to} already has a checkpoint at step {step}; pick another --to (or delete it first)")
+    body = materialize(storage, step, dst)
+    print(f"materialized step {step} into {dst.path(step_dirname(step))}: {len(body['tensors'])} tensor(s), "
+          f"{format_bytes(referenced_bytes(body))}, self-contained")
     return EXIT_OK
 
 
@@ -669,6 +740,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, metavar="FILE", help="model.safetensors or model.pt")
     s.add_argument("--key", default=None, help="export only this sub-tree, e.g. model (nested: model/encoder)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("materialize", parents=[common], help="a self-contained copy of one checkpoint",
+                       description="Copy one checkpoint (verified first) into --to DIR as a self-contained checkpoint "
+                                   "directory (step_N with its own tensors.safetensors, no shared packs), which "
+                                   "autockpt.load and CheckpointManager.restore read like any other.")
+    s.add_argument("url")
+    s.add_argument("--step", type=_step, default=None, help="default: the newest committed checkpoint")
+    s.add_argument("--to", required=True, metavar="DIR", help="the checkpoint directory to write into")
+    s.set_defaults(func=cmd_materialize)
 
     s = sub.add_parser("import", parents=[common], help="bring in a safetensors/torch/Lightning/Keras file",
                        description="Save a .safetensors file, a torch.save state dict (.pt/.pth/.bin), a "

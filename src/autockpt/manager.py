@@ -2,7 +2,7 @@
 
 One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
 restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
-staging, fit, progress, reader, format, storage, errors.
+staging, fit, progress, collect, payload, reader, format, storage, errors.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from autockpt import fit, per_rank
+from autockpt.collect import collect
 from autockpt.coordination import coordinator_for, process_group_initialized
 from autockpt.errors import (
     CheckpointNotFoundError,
@@ -29,19 +30,29 @@ from autockpt.errors import (
 )
 from autockpt.format import (
     CHECKSUM,
+    CONTENT_HASH,
     TensorEntry,
     TreeEncoder,
+    dump_manifest,
     json_plain,
     new_manifest,
 )
 from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions, check_directory
+from autockpt.payload import StoredContent, write_deduplicated
 from autockpt.per_rank import PerRank
 from autockpt.progress import ProgressReporter
-from autockpt.reader import Checkpoint, check_sizes, newest_that_verifies, open_checkpoint, read_manifest
+from autockpt.reader import (
+    Checkpoint,
+    check_sizes,
+    newest_that_verifies,
+    open_checkpoint,
+    read_manifest,
+    referenced_bytes,
+)
 from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
-from autockpt.storage import Storage, access_problem, open_storage, step_dirname, transient
+from autockpt.storage import BlobStore, Storage, access_problem, open_storage, step_dirname, transient
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
@@ -89,6 +100,10 @@ class CheckpointManager:
             (killed, paused, cut off) is taken over after this long; a paused writer that wakes up later
             commits and deletes nothing.
         lease_renew_seconds: how often the lease is renewed in the background; ``None``: ``lease_ttl / 3``.
+        dedup: a tensor whose bytes equal a tensor of a kept checkpoint is not written again (xxh3-128 content
+            hash); new tensors go into pack files under ``DIR/blobs/``, shared by the checkpoints that refer to
+            them, and packs no checkpoint refers to any more are collected after each prune. ``False`` writes
+            self-contained checkpoint directories. Sharded multi-process saves are always self-contained.
 
     Only one process writes to a directory at a time: :meth:`acquire` (called by ``autockpt.resume`` and the
     callbacks when training starts, else by the first ``save()``) takes the writer lease, renewed by a
@@ -137,12 +152,13 @@ class CheckpointManager:
         rank_timeout: float = 300.0,
         lease_ttl: float = 30.0,
         lease_renew_seconds: float | None = None,
+        dedup: bool = True,
     ) -> None:
         check_directory(directory)
         self.options = ManagerOptions(
             max_to_keep, keep_every_n_hours, keep_best, save_interval_steps, save_interval_seconds, async_save,
             storage_options, max_consecutive_failures, progress, distributed, local_dir, local_max_to_keep,
-            upload_deadline_s, rank_timeout, lease_ttl, lease_renew_seconds,
+            upload_deadline_s, rank_timeout, lease_ttl, lease_renew_seconds, dedup,
         )
         if local_dir is not None and distributed is not False and process_group_initialized():
             raise InvalidArgumentError(
@@ -170,12 +186,18 @@ class CheckpointManager:
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
+        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory; so do
+        # saves to a storage that cannot hold shared packs (the tiers upload whole checkpoint directories).
+        self.dedup = dedup and self._coord.world_size == 1 and self.storage.holds_shared_packs
+        self._blobs = BlobStore(self.storage)
+        self._hashes: dict[str, str] = {}  # tensor name -> content hash at the previous save (dedup)
+        self._changing: set[str] = set()  # tensors whose content changed at the previous save
         try:
             if self.storage.root_is_file():
                 raise StorageAccessError(f"{self.directory} is a file, not a directory: give the path of a "
                                          "directory for the checkpoints (it is created if missing)")
             if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
-                self.storage.cleanup(self.storage.scan())  # leftovers of a crash: never a committed checkpoint
+                self._cleanup()  # leftovers of a crash (never a committed checkpoint) and unreferenced packs
                 self._lease.remove_stale()  # a dead writer's lease file of an older autockpt
         except Exception as e:
             why = access_problem(e)  # no credentials, say: not retried, not found out three saves later
@@ -241,8 +263,10 @@ class CheckpointManager:
     @staticmethod
     def _identity(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
         """What names one written checkpoint: its step, creation time and every file's size and checksum."""
-        files = tuple(sorted((n, f["size"], f[CHECKSUM]) for n, f in manifest["files"].items()))
-        return manifest["step"], manifest["created"], files
+        files = tuple(sorted((n, f["size"], f.get(CHECKSUM)) for n, f in manifest["files"].items()))
+        blobs = tuple(sorted((n, b["size"]) for n, b in manifest.get("blobs", {}).items()))  # shared packs
+        tensors = tuple(sorted((n, t.get(CONTENT_HASH)) for n, t in manifest["tensors"].items())) if blobs else ()
+        return manifest["step"], manifest["created"], files, blobs, tensors
 
     def _verify_once(self, step: int) -> None:
         """Sizes on every call; the full checksums only the first time this manager sees this checkpoint."""
@@ -358,7 +382,7 @@ class CheckpointManager:
                 self._lease.guard()
             else:
                 self._lease.acquire()
-                self.storage.cleanup(self.storage.scan())
+                self._cleanup()
         except LeaseError as e:
             return LeaseError(str(e))
         except Exception as e:
@@ -369,6 +393,46 @@ class CheckpointManager:
                 return SaveError(f"cannot write to {self.directory}: {e!r}")
             raise
         return None
+
+    def _cleanup(self) -> None:
+        """Remove leftovers of interrupted saves and finish an interrupted collection (the writer, no save in
+        flight)."""
+        self.storage.cleanup(self.storage.scan())
+        collect(self.storage, self._manifest)
+
+    def _known_content(self, committed: set[int]) -> dict[str, StoredContent]:
+        """Content hash -> where its bytes lie, over the packs of the kept checkpoints that still exist."""
+        packs: dict[str, int] | None = None
+        known: dict[str, StoredContent] = {}
+        for step in sorted(committed):
+            try:
+                m = self._manifest(step)
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                continue
+            if not m.get("blobs"):
+                continue
+            if packs is None:
+                packs = self._blobs.packs()  # once per save: a pack that went missing is not referred to again
+            for t in m["tensors"].values():
+                blob = t.get("blob")
+                if blob is not None and packs.get(blob) == m["blobs"][blob]["size"]:
+                    known[t[CONTENT_HASH]] = StoredContent(blob, (t["offsets"][0], t["offsets"][1]), packs[blob])
+        return known
+
+    def _write_deduplicated(
+        self, step: int, entries: list[TensorEntry], make_manifest: Any, committed: set[int],
+        on_bytes: Any,
+    ) -> tuple[dict[str, Any], int]:
+        known = self._known_content(committed)
+        with self.storage.writer(step) as w:
+            blobs, tensors, written, hashes = write_deduplicated(
+                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing))
+            manifest = make_manifest({}, tensors, blobs)
+            w.commit(dump_manifest(manifest))
+        # tensors that changed since the previous save are written without hashing first at the next one
+        self._changing = {n for n, d in hashes.items() if n in self._hashes and self._hashes[n] != d}
+        self._hashes = hashes
+        return manifest, written
 
     def _failed(self, error: SaveError, counted: bool = False) -> None:
         """Apply the failure policy: warn and go on, or raise at the N-th consecutive failure."""
@@ -415,13 +479,17 @@ class CheckpointManager:
         total = sum(e.nbytes for e in entries)
         try:
             with ProgressReporter(total, f"autockpt: saving step {step}", self.progress) as bar:
-                manifest = self._coord.write(
-                    self.storage, step, entries, self.shard_bytes,
-                    lambda files, tensors: {**new_manifest(step, tree, tensors, files, metrics, metadata, run_start),
-                                            "retention": self.policy.to_json()},  # what `autockpt ls` shows
-                    on_bytes=bar.update if bar.active else None,
-                )
-            files = manifest["files"]
+                def make(files: Any, tensors: Any, blobs: Any = None) -> dict[str, Any]:
+                    return {**new_manifest(step, tree, tensors, files, metrics, metadata, run_start, blobs),
+                            "retention": self.policy.to_json()}  # what `autockpt ls` shows
+
+                on_bytes = bar.update if bar.active else None
+                if self.dedup:
+                    manifest, written = self._write_deduplicated(step, entries, make, committed, on_bytes)
+                else:
+                    manifest = self._coord.write(self.storage, step, entries, self.shard_bytes, make,
+                                                 on_bytes=on_bytes)
+                    written = sum(f["size"] for f in manifest["files"].values())
         except SaveError:
             raise
         except Exception as e:
@@ -438,11 +506,13 @@ class CheckpointManager:
         self._failures = 0
         self._manifests[step] = manifest
         secs = time.perf_counter() - t0
-        size = sum(f["size"] for f in files.values())
-        log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)", step, self.directory,
-                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
+        size = referenced_bytes(manifest)
+        log.info("autockpt: saved step %d to %s: %.1f MB in %.2f s (%.0f MB/s)%s", step, self.directory,
+                 size / 1e6, secs, size / 1e6 / max(secs, 1e-9),
+                 f"; {written / 1e6:.1f} MB written, the rest shared" if self.dedup else "")
         if self._coord.is_writer:  # the commit just checked the lease; each delete asks it again (storage.guard)
             self._prune(step, committed | {step})
+            collect(self.storage, self._manifest)  # packs that only pruned checkpoints referred to
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
@@ -581,7 +651,7 @@ class CheckpointManager:
             return None
         s, ckpt = found
         self._verified.add(self._identity(ckpt.manifest))
-        size = sum(f["size"] for f in ckpt.manifest["files"].values())
+        size = referenced_bytes(ckpt.manifest)
         targets = per_rank.unwrap(state)
         with ckpt, ProgressReporter(size, f"autockpt: restoring step {s}", self.progress) as bar:
             tree, saved_by = self._coord.run_raising_everywhere(

@@ -79,6 +79,7 @@ class ManagerOptions:
     rank_timeout: float = 300.0
     lease_ttl: float = 30.0
     lease_renew_seconds: float | None = None
+    dedup: bool = True
     policy: RetentionPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +103,7 @@ class ManagerOptions:
                 f"renewal lands before the lease runs low; got {self.lease_renew_seconds!r}. Leave it None for "
                 "lease_ttl / 3"
             )
+        check_bool("dedup", self.dedup)
         if self.distributed not in (None, True, False):
             raise InvalidArgumentError(
                 f"distributed must be None (detect), True or False, got {self.distributed!r}"

@@ -2,7 +2,9 @@
 
 ``open_checkpoint`` checks the manifest (its own checksum, its fields), that every tensor the state tree names
 is listed, each payload file's size and xxh3-64 checksum (streamed in chunks: no copy of the file is held),
-and that each safetensors header agrees with the manifest. Only then can tensors be read: into the target's
+and that each safetensors header agrees with the manifest; a deduplicated checkpoint's tensors that lie in shared
+packs (``DIR/blobs/``) are checked one by one against their xxh3-128 content hashes, so every byte a manifest
+refers to is verified wherever it lies. Only then can tensors be read: into the target's
 own memory when it is a contiguous host tensor of the same dtype and shape, else into a new tensor.
 
 Imports ``autockpt.errors``, ``autockpt.format`` and ``autockpt.storage`` (and ``autockpt.dtensor`` only for
@@ -16,6 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -24,6 +27,7 @@ import numpy as np
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import (
     CHECKSUM,
+    CONTENT_HASH,
     ST_DTYPES,
     ST_TO_TORCH,
     TensorMeta,
@@ -32,10 +36,11 @@ from autockpt.format import (
     parse_manifest,
     parse_safetensors_header,
 )
-from autockpt.storage import PayloadFile, Storage, open_storage, step_dirname
+from autockpt.storage import BLOBS_DIR, BlobStore, PayloadFile, Storage, open_storage, step_dirname
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
+_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass
@@ -65,7 +70,7 @@ class Checkpoint:
 
             return read_sharded(self, name, sharded_tensors(self.manifest)[name], like)
         meta = self.manifest["tensors"][name]
-        f, start = self.files[meta["file"]]
+        f, start = self.files[file_key(meta)]
         dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["offsets"]
         framework = meta.get("framework", "numpy")
         torch = sys.modules.get("torch")
@@ -112,6 +117,16 @@ class Checkpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def file_key(meta: dict[str, Any]) -> str:
+    """The key of ``Checkpoint.files`` a tensor lies in: its payload file, or ``blobs/<pack>``."""
+    return f"{BLOBS_DIR}/{meta['blob']}" if "blob" in meta else str(meta["file"])
+
+
+def referenced_bytes(manifest: dict[str, Any]) -> int:
+    """The bytes of every tensor a checkpoint refers to (its size, wherever the bytes lie)."""
+    return sum(int(t["offsets"][1]) - int(t["offsets"][0]) for t in manifest["tensors"].values())
 
 
 def sharded_tensors(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -163,6 +178,15 @@ def check_sizes(storage: Storage, step: int, manifest: dict[str, Any]) -> None:
             raise CorruptCheckpointError(f"{where}: {fname} is missing") from None
         if size != info["size"]:
             raise CorruptCheckpointError(f"{where}: {fname} has {size} bytes, the manifest says {info['size']}")
+    blobs = BlobStore(storage) if manifest.get("blobs") else None
+    for pname, info in manifest.get("blobs", {}).items():
+        assert blobs is not None
+        try:
+            size = blobs.size(pname)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{where}: pack {BLOBS_DIR}/{pname} is missing") from None
+        if size != info["size"]:
+            raise CorruptCheckpointError(f"{where}: pack {pname} has {size} bytes, the manifest says {info['size']}")
 
 
 def read_manifest(storage: Storage, step: int) -> dict[str, Any]:
@@ -208,10 +232,45 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
                     raise CorruptCheckpointError(f"{where}: tensor {n!r} differs between the manifest and {fname}")
                 if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
                     raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
+        _open_packs(storage, manifest, ckpt, where)
     except BaseException:
         ckpt.close()
         raise
     return ckpt
+
+
+def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, where: str) -> None:
+    """Open the shared packs a deduplicated checkpoint refers to and verify every referenced byte range."""
+    blobs = BlobStore(storage)
+    for pname, info in manifest.get("blobs", {}).items():
+        f = blobs.open(pname, info["size"])
+        key = f"{BLOBS_DIR}/{pname}"
+        ckpt.files[key] = (f, 0)
+        start, header = parse_safetensors_header(f.read, info["size"], f"{storage.url}/{key}")
+        ckpt.files[key] = (f, start)
+        spans = {tuple(h["data_offsets"]) for h in header.values()}  # pack tensors, found by where they lie
+        checks: dict[tuple[str, int, int], str] = {}
+        for n, t in manifest["tensors"].items():
+            if t.get("blob") != pname:
+                continue
+            try:
+                digest, (b, e) = t[CONTENT_HASH], t["offsets"]
+                nbytes = math.prod(t["shape"]) * ST_DTYPES[t["dtype"]][1]
+                ok = isinstance(digest, str) and (b, e) in spans and e - b == nbytes
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise CorruptCheckpointError(f"{where}: tensor {n!r} is not where the manifest says in pack {pname}")
+            if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
+                raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
+            checks.setdefault((digest, b, e), n)
+        # every referenced range is hashed once, several at a time (xxhash releases the GIL)
+        keys = list(checks)
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="autockpt-verify") as pool:
+            got = list(pool.map(lambda k, f=f, start=start: f.content_hash(start + k[1], k[2] - k[1]), keys))
+        for ref, actual in zip(keys, got, strict=True):
+            if actual != ref[0]:
+                raise CorruptCheckpointError(f"{where}: tensor {checks[ref]!r} does not match its hash in pack {pname}")
 
 
 def newest_that_verifies(

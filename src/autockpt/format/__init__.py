@@ -7,6 +7,11 @@ metrics, user metadata and library versions, and a checksum of itself. Optional 
 them): ``retention``, the retention policy of the manager that wrote it (``max_to_keep``,
 ``keep_every_n_hours``, ``keep_best``: ``{metric, mode, k}`` or null). Nothing here is ever pickled.
 
+A deduplicated checkpoint (format version 2) keeps its tensors in shared pack files ``DIR/blobs/<name>``
+(safetensors files whose tensors are named by their xxh3-128 content hash): the manifest lists the packs it
+refers to under ``blobs`` ({name: {"size"}}) and each tensor names its ``blob``, its byte ``offsets`` there and
+its ``xxh3_128``; every referenced byte is verified against those hashes, wherever it lies.
+
 State tree nodes in the manifest: ``null``/``true``/``false``, integers, strings, finite floats and JSON
 lists stand for themselves; every JSON object is a tagged node ``{"type": ...}``: ``tensor``, ``tuple``,
 ``dict`` (``items`` for string keys, ``pairs`` otherwise), ``float`` (non-finite), ``bytes``,
@@ -56,6 +61,8 @@ from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, valid_file
 
 TENSORS_NAME = "tensors.safetensors"
 CHECKSUM = "xxh3_64"
+CONTENT_HASH = "xxh3_128"  # per tensor, in deduplicated checkpoints
+DEDUP_FORMAT_VERSION = 2  # a manifest whose tensors may lie in shared packs (``blobs``)
 
 
 
@@ -103,10 +110,10 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{where}: malformed manifest: {e}") from None
     if not isinstance(body, dict) or body.get("format") != "autockpt":
         raise CorruptCheckpointError(f"{where}: manifest is not an autockpt manifest")
-    if body.get("format_version") != FORMAT_VERSION:
+    if body.get("format_version") not in (FORMAT_VERSION, DEDUP_FORMAT_VERSION):
         raise CorruptCheckpointError(
             f"{where}: format version {body.get('format_version')!r} is not supported by this autockpt "
-            f"(it reads version {FORMAT_VERSION}); upgrade autockpt to read it"
+            f"(it reads versions {FORMAT_VERSION} and {DEDUP_FORMAT_VERSION}); upgrade autockpt to read it"
         )
     for key, typ in (("step", int), ("created", float), ("state", dict), ("tensors", dict), ("files", dict)):
         val = body.get(key)
@@ -118,8 +125,19 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         if not valid_file_name(name) or not isinstance(f, dict) or not isinstance(f.get("size"), int) \
                 or not isinstance(f.get(CHECKSUM), str):
             raise CorruptCheckpointError(f"{where}: manifest lists an invalid file entry {name!r}")
+    blobs = body.setdefault("blobs", {})
+    if not isinstance(blobs, dict) or (blobs and body["format_version"] != DEDUP_FORMAT_VERSION):
+        raise CorruptCheckpointError(f"{where}: manifest field 'blobs' is malformed")
+    for name, b in blobs.items():
+        if not valid_file_name(name) or not isinstance(b, dict) or not isinstance(b.get("size"), int):
+            raise CorruptCheckpointError(f"{where}: manifest lists an invalid pack entry {name!r}")
     for name, t in body["tensors"].items():
-        if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in body["files"]:
+        if not isinstance(t, dict):
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed entry")
+        if "blob" in t:
+            if t["blob"] not in blobs or not isinstance(t.get(CONTENT_HASH), str):
+                raise CorruptCheckpointError(f"{where}: tensor {name!r} names a pack the manifest does not list")
+        elif not isinstance(t.get("file"), str) or t["file"] not in body["files"]:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} names a file the manifest does not list")
     return body
 
@@ -132,11 +150,14 @@ def new_manifest(
     metrics: dict[str, float | None],
     metadata: dict[str, Any],
     run_start: float,
+    blobs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A manifest body; with ``blobs`` (packs: name -> {"size"}) a deduplicated one (format version 2)."""
     now = time.time()
+    extra: dict[str, Any] = {} if blobs is None else {"blobs": blobs}
     return {
         "format": "autockpt",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if blobs is None else DEDUP_FORMAT_VERSION,
         "step": step,
         "created": now,
         "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
@@ -147,11 +168,13 @@ def new_manifest(
         "files": files,
         "tensors": tensors,
         "state": state_tree,
+        **extra,
     }
 
 
 __all__ = [
-    "CHECKSUM", "FORMAT_VERSION", "MANIFEST_NAME", "MAX_HEADER_BYTES", "MAX_MANIFEST_BYTES", "NP_TO_ST", "ST_DTYPES",
+    "CHECKSUM", "CONTENT_HASH", "DEDUP_FORMAT_VERSION",
+    "FORMAT_VERSION", "MANIFEST_NAME", "MAX_HEADER_BYTES", "MAX_MANIFEST_BYTES", "NP_TO_ST", "ST_DTYPES",
     "ST_TO_TORCH", "TENSORS_NAME", "TORCH_TO_ST", "TensorEntry", "TensorMeta", "TreeEncoder", "decode_tree",
     "dump_manifest", "is_stateful", "is_tensor", "is_torch_tensor", "json_plain", "library_versions", "new_manifest",
     "parse_manifest", "parse_safetensors_header", "safetensors_header", "tensor_bytes", "tensor_dtype_code",

@@ -43,13 +43,16 @@ def safetensors_header(entries: list[TensorEntry]) -> tuple[bytes, dict[str, lis
 
 
 def write_safetensors(
-    f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None
+    f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None, checksum: bool = True,
+    content_hashes: dict[str, str] | None = None,
 ) -> tuple[int, str, dict[str, list[int]]]:
     """Stream ``entries`` into ``f`` as a safetensors file; returns (size, xxh3-64 hex, offsets).
 
-    ``on_bytes(n)`` is told of every chunk written (for progress reporting)."""
+    ``on_bytes(n)`` is told of every chunk written (for progress reporting). ``checksum=False`` (a pack, whose
+    tensors are hashed one by one) skips the file checksum and returns "" for it. ``content_hashes``, if given,
+    is filled with each tensor's xxh3-128 (name -> hex), computed from the very bytes written."""
     header, offsets = safetensors_header(entries)
-    h = xxhash.xxh3_64()
+    h: Any = xxhash.xxh3_64() if checksum else _NoHash()
     pending = bytearray(header)  # small tensors are gathered into few large writes
     size = 0
 
@@ -67,7 +70,11 @@ def write_safetensors(
         data = tensor_bytes(entry.value)
         if len(data) != entry.nbytes:
             raise UnsupportedValueError(f"tensor {entry.name!r} changed shape while it was being saved")
+        th: Any = xxhash.xxh3_128() if content_hashes is not None else _NoHash()
         if len(data) < _SMALL:
+            th.update(data)
+            if content_hashes is not None:
+                content_hashes[entry.name] = th.hexdigest()
             pending += data
             if len(pending) >= _BATCH:
                 flush()
@@ -77,11 +84,22 @@ def write_safetensors(
             chunk = data[i : i + _CHUNK]
             f.write(chunk)
             h.update(chunk)
+            th.update(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
         size += len(data)
+        if content_hashes is not None:
+            content_hashes[entry.name] = th.hexdigest()
     flush()
     return size, h.hexdigest(), offsets
+
+
+class _NoHash:
+    def update(self, data: Any) -> None:
+        return None
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def parse_safetensors_header(

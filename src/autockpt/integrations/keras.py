@@ -302,6 +302,8 @@ class AutoCheckpoint(keras.callbacks.Callback):
         storage_options: passed to fsspec.
         local_dir: a fast local tier in front of ``directory`` (see ``CheckpointManager``); on preemption the
             final checkpoint's upload is awaited up to ``upload_deadline_s`` and the log line says if it is durable.
+        dedup: tensors unchanged since a kept checkpoint are not written again (see ``CheckpointManager``);
+            ``False`` writes self-contained checkpoints.
         signals: signals that save the newest completed batch and stop training (SIGTERM, SIGUSR1).
         exit_on_preemption: after such a signal stopped training and its checkpoint is committed, leave the
             process with ``SystemExit(128 + signal)`` (143 for SIGTERM) once ``fit`` has finished its
@@ -351,6 +353,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
         exit_on_preemption: bool = True,
         local_dir: str | os.PathLike[str] | None = None,
         cloud_notices: bool = True,
+        dedup: bool = True,
     ) -> None:
         super().__init__()
         check_directory(directory)
@@ -373,6 +376,7 @@ class AutoCheckpoint(keras.callbacks.Callback):
             directory, max_to_keep=max_to_keep, keep_every_n_hours=keep_every_n_hours, keep_best=best,
             save_interval_seconds=save_every_seconds, async_save=async_save, storage_options=storage_options,
             local_dir=local_dir,
+            dedup=dedup,
         )
         self.save_every_seconds = save_every_seconds
         self.restored_step: int | None = None

@@ -305,6 +305,8 @@ class AutoCheckpoint(_Base):
         storage_options: passed to fsspec (credentials, endpoint URL, ...).
         local_dir: a fast local tier in front of ``directory`` (see ``CheckpointManager``); on preemption the
             final checkpoint's upload is awaited up to ``upload_deadline_s`` and the log line says if it is durable.
+        dedup: tensors unchanged since a kept checkpoint (a frozen backbone) are not written again (see
+            ``CheckpointManager``); ``False`` writes self-contained checkpoints.
         preemption_signals: signals that mean "save and stop"; ``None`` turns it off.
         exit_on_preemption: after a signal stopped training and its checkpoint is committed, leave the process
             with exit code ``128 + signal`` (143 for SIGTERM) once ``fit``'s teardown is done, so that schedulers
@@ -353,6 +355,7 @@ class AutoCheckpoint(_Base):
         exit_on_preemption: bool = True,
         local_dir: str | os.PathLike[str] | None = None,
         cloud_notices: bool = True,
+        dedup: bool = True,
     ) -> None:
         super().__init__()
         check_directory(directory)
@@ -382,6 +385,8 @@ class AutoCheckpoint(_Base):
         self.storage_options = dict(storage_options or {})
         self.local_dir = local_dir
         self.exit_on_preemption = exit_on_preemption
+        check_bool("dedup", dedup)
+        self.dedup = dedup
         self._watcher = (_Watcher(preemption_signals, cloud_notices=cloud_notices)
                          if preemption_signals is not None else None)
         self.restored_step: int | None = None
@@ -430,7 +435,7 @@ class AutoCheckpoint(_Base):
             self._manager = CheckpointManager(self.directory, self._policy.max_to_keep,
                                               self._policy.keep_every_n_hours, self._policy.keep_best,
                                               storage_options=self.storage_options, distributed=False,
-                                              local_dir=self.local_dir)
+                                              local_dir=self.local_dir, dedup=self.dedup)
             try:  # a second writer fails here, before restoring and training, on every rank
                 self._manager.acquire()
                 problem = None

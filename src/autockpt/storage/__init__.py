@@ -8,7 +8,8 @@
   commit.
 
 Everything autockpt writes has a name it recognises (``step_N``, ``.tmp-step_N-X``, ``.tmp-del-step_N-X``,
-``manifest.json``, ``*.safetensors``); it never deletes anything else. This package is the only place that
+``manifest.json``, ``*.safetensors``, packs in ``blobs/``); it never deletes anything else. ``blobs`` holds the
+:class:`BlobStore`: pack files of tensors shared by deduplicated checkpoints. This package is the only place that
 knows local from remote. It imports only ``autockpt.errors`` (and fsspec).
 """
 
@@ -21,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from autockpt.storage.base import CheckpointWriter, Fence, Listing, PayloadFile, Storage
+from autockpt.storage.blobs import BLOBS_DIR, BlobStore
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import (
     MANIFEST_NAME,
@@ -62,8 +64,7 @@ def open_storage(
 
 
 __all__ = [
-    "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "CheckpointWriter", "Fence", "Listing",
-    "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage", "TieredStorage", "access_problem", "open_storage",
-    "retry",
-    "step_dirname", "transient", "valid_file_name",
+    "BLOBS_DIR", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "BlobStore",
+    "CheckpointWriter", "Fence", "Listing", "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage",
+    "TieredStorage", "access_problem", "open_storage", "retry", "step_dirname", "transient", "valid_file_name",
 ]

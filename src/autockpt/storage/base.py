@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +25,7 @@ from autockpt.storage.names import MANIFEST_NAME, step_dirname
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
 _CHUNK = 4 * 2**20
+_scratch = threading.local()
 
 
 @dataclass
@@ -77,6 +79,23 @@ class PayloadFile:
             pos += n
         return h.hexdigest()
 
+    def content_hash(self, offset: int, n: int) -> str:
+        """The xxh3-128 of ``n`` bytes from ``offset`` (a deduplicated tensor's bytes), streamed in chunks."""
+        if self._buf is not None:
+            return xxhash.xxh3_128_hexdigest(memoryview(self._buf)[offset : offset + n])
+        h = xxhash.xxh3_128()
+        chunk = getattr(_scratch, "buf", None)  # one buffer per thread: fresh pages are not free
+        if chunk is None:
+            chunk = _scratch.buf = bytearray(_CHUNK)
+        view = memoryview(chunk)
+        pos = 0
+        while pos < n:
+            k = min(len(chunk), n - pos)
+            self.read_into(offset + pos, view[:k])
+            h.update(view[:k])
+            pos += k
+        return h.hexdigest()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -113,6 +132,10 @@ class Storage(ABC):
     # Set by the writer lease once held: every change below (creating, committing, deleting) asks it first,
     # so a writer that lost the lease (paused past it, replaced) changes nothing. None: no lease (tools).
     fence: Fence | None = None
+    # Whether checkpoints here may refer to shared packs under blobs/ (deduplicated saves). The tiered storage
+    # says no: its uploader copies whole checkpoint directories, so deduplicated saves would reach the remote
+    # without their packs.
+    holds_shared_packs: bool = True
 
     def guard(self) -> None:
         """Ask the fence (if any) whether this process may still change the directory."""

@@ -63,6 +63,7 @@ class TieredStorage(Storage):
     """
 
     atomic_rename = True  # the commit is the local tier's rename
+    holds_shared_packs = False  # the uploader copies checkpoint directories; dedup through tiers is not built yet
 
     def __init__(self, local: Storage, remote: Storage, local_max_to_keep: int = 2) -> None:
         if not isinstance(local, LocalStorage):
