@@ -304,3 +304,30 @@ def test_lease_options_are_checked_in_the_constructor(tmp_path: Path) -> None:
         mgr.acquire()
         lease = current_lease(mgr.storage)
         assert lease is not None and lease[1] is not None and lease[1]["ttl"] == 6
+
+
+def test_a_collector_that_lost_the_lease_deletes_nothing(tmp_path: Path) -> None:
+    """Issue 20 with dedup's collector: a writer paused past its lease (here: its heartbeat stopped, as a pause
+    stops it) must not sweep the packs of its successor — not even the temporary pack of a save in flight."""
+    from autockpt.collect import collect
+    from autockpt.storage import BLOBS_DIR
+
+    url = str(tmp_path / "run")
+    old = autockpt.CheckpointManager(url, lease_ttl=1.0, max_to_keep=1)
+    old.acquire()
+    old._lease._stop.set()  # paused: no more renewals
+    assert old._lease._thread is not None
+    old._lease._thread.join()
+    time.sleep(1.3)  # its lease expires
+    new = autockpt.CheckpointManager(url, max_to_keep=1)
+    assert new.save(1, {"frozen": np.ones(256, np.float32), "w": np.full(8, 1, np.float32)})
+    assert new.save(2, {"frozen": np.ones(256, np.float32), "w": np.full(8, 2, np.float32)})
+    in_flight = tmp_path / "run" / BLOBS_DIR / ".tmp-step_0000000003-deadbeef-000.safetensors"
+    in_flight.write_bytes(b"a save of the new writer, in progress")
+    before = sorted(os.listdir(tmp_path / "run" / BLOBS_DIR))
+    with pytest.raises(LeaseError):
+        collect(old.storage)
+    assert sorted(os.listdir(tmp_path / "run" / BLOBS_DIR)) == before, "the old writer's collector deleted packs"
+    target = {"frozen": np.zeros(256, np.float32), "w": np.zeros(8, np.float32)}
+    assert new.restore(target) == 2 and (target["w"] == 2).all() and (target["frozen"] == 1).all()
+    new.close()

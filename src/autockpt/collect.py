@@ -65,7 +65,8 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
             return 0
     live = referenced_packs(manifests)
     freed = 0
-    for name in leftovers:  # 3. sweep
+    storage.check_fence()  # still the writer, asked of the storage: a writer that lost its lease sweeps nothing
+    for name in leftovers:  # 3. sweep (each delete asks the fence again)
         blobs.remove(name)
     for name, size in packs.items():
         if name not in live:

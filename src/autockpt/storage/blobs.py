@@ -154,6 +154,7 @@ class BlobStore:
         """Delete one pack (or temporary pack); a missing one is not an error."""
         if not (valid_file_name(name) or (name.startswith(_TMP) and valid_file_name(name[len(_TMP):]))):
             raise ValueError(f"refusing to remove {name!r}: not a pack name")
+        self.storage.guard()  # a writer that lost the lease deletes nothing (see autockpt.lease)
         try:
             if self.local:
                 os.unlink(self.path(name))
