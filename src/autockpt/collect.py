@@ -65,7 +65,7 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
             return 0
     live = referenced_packs(manifests)
     freed = 0
-    storage.check_fence()  # still the writer, asked of the storage: a writer that lost its lease sweeps nothing
+    storage.guard()  # a writer whose lease ran out (paused past it, replaced) asks the storage, and sweeps nothing
     for name in leftovers:  # 3. sweep (each delete asks the fence again)
         blobs.remove(name)
     for name, size in packs.items():

@@ -512,7 +512,13 @@ class CheckpointManager:
                  f"; {written / 1e6:.1f} MB written, the rest shared" if self.dedup else "")
         if self._coord.is_writer:  # the commit just checked the lease; each delete asks it again (storage.guard)
             self._prune(step, committed | {step})
-            collect(self.storage, self._manifest)  # packs that only pruned checkpoints referred to
+            try:
+                collect(self.storage, self._manifest)  # packs that only pruned checkpoints referred to
+            except LeaseError:
+                raise
+            except OSError as e:  # the step is committed; what was not collected now, the next start collects
+                log.warning("autockpt: collecting unreferenced packs of %s failed (%r); they are collected at the "
+                            "next save or start", self.directory, e)
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
