@@ -120,9 +120,10 @@ class FaultProxy:
                     return
                 self.send_response(status)
                 for k, v in headers:
-                    if k.lower() not in HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                    if k.lower() not in HOP and (k.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(k, v)  # a HEAD's Content-Length is the object's size: passed on
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -248,6 +248,25 @@ def test_second_writer_gets_lease_error_s3(s3_server: Any) -> None:
     two_writers(f"s3://{s3_server.new_bucket()}/run", s3_server.storage_options, s3_server.endpoint)
 
 
+def test_long_lived_reader_sees_a_checkpoint_completed_after_it_listed_the_partial_one(s3_server: Any) -> None:
+    """A process that loads, and loads again later (an evaluator, a test), must not trust a directory listing
+    cached while another process was still uploading that step (s3fs keeps listings below a prefix until told)."""
+    url = f"s3://{s3_server.new_bucket()}/run"
+    opts = s3_server.storage_options
+    other = {**opts, "skip_instance_cache": True}  # the writer: another process, its own listing cache
+    def save(step: int) -> None:
+        with autockpt.CheckpointManager(url, storage_options=other) as mgr:
+            mgr.save(step, {"w": np.full(4, float(step))})
+
+    save(1)
+    fs = fsspec.filesystem("s3", **other)
+    fs.pipe_file(f"{url}/step_0000000002/unrelated.bin", b"x")  # step 2 half uploaded: no payload yet
+    assert float(autockpt.load(url, storage_options=opts)["w"][0]) == 1.0  # lists (and caches) step 2's dir
+    save(2)
+    assert float(autockpt.load(url, storage_options=opts)["w"][0]) == 2.0
+    assert float(autockpt.load(url, 2, storage_options=opts)["w"][0]) == 2.0
+
+
 # ----------------------------------------------------------------------------------------- crashes
 
 

@@ -84,6 +84,7 @@ class BlobStore:
         """The size of one pack; FileNotFoundError if missing."""
         if self.local:
             return os.stat(self.path(name), follow_symlinks=False).st_size
+        self.storage.fs.invalidate_cache(self.path(name))  # see ObjectStoreStorage._names
         return int(self.storage.fs.size(self.path(name)))
 
     def open(self, name: str, size: int) -> PayloadFile:
@@ -107,6 +108,7 @@ class BlobStore:
                 raise CorruptCheckpointError(f"{path}: {st.st_size} bytes (or not a file), the manifest says {size}")
             return PayloadFile(path, size, fd=fd)
         fs = self.storage.fs
+        fs.invalidate_cache(path)  # see ObjectStoreStorage._names
 
         def download() -> bytearray:
             with fs.open(path, "rb") as f:

@@ -51,7 +51,14 @@ class ObjectStoreStorage(Storage):
 
     # ------------------------------------------------------------------------------------------ listing
     def _names(self) -> list[str]:
-        self.fs.invalidate_cache(self.root)  # another process may have written since we last listed
+        # Another process may have written since we last listed. invalidate_cache(p) forgets p and its parents,
+        # not the listings below p that a glob cached (s3fs keeps those until told): so they go too, and every
+        # read of a file forgets the file's own path first, or a checkpoint completed since would look partial.
+        self.fs.invalidate_cache(self.root)
+        cache, below = getattr(self.fs, "dircache", None), self.root.rstrip("/") + "/"
+        if cache is not None:
+            for key in [k for k in list(cache) if str(k).startswith(below)]:
+                cache.pop(key, None)
         try:
             listed = retry(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}")
             return [posixpath.basename(p.rstrip("/")) for p in listed]
@@ -160,6 +167,7 @@ class ObjectStoreStorage(Storage):
     # ------------------------------------------------------------------------------------------ reading
     def read_manifest(self, step: int) -> bytes:
         path = self.path(step_dirname(step), MANIFEST_NAME)
+        self.fs.invalidate_cache(path)
         try:
             size = retry(lambda: self.fs.size(path), f"reading {path}")
             if size is not None and size > MAX_MANIFEST_BYTES:
@@ -172,6 +180,7 @@ class ObjectStoreStorage(Storage):
         if not valid_file_name(name):
             raise CorruptCheckpointError(f"refusing to open payload file {name!r}")
         path = self.path(step_dirname(step), name)
+        self.fs.invalidate_cache(path)  # the file's directory and its parents: see _names
         box: list[bytearray] = []
 
         def download() -> int:
@@ -191,7 +200,9 @@ class ObjectStoreStorage(Storage):
         return PayloadFile(path, size, buf=box[0])
 
     def file_size(self, step: int, name: str) -> int:
-        return int(self.fs.size(self.path(step_dirname(step), name)))
+        path = self.path(step_dirname(step), name)
+        self.fs.invalidate_cache(path)
+        return int(self.fs.size(path))
 
     # ------------------------------------------------------------------------------------------ writing
     def begin_checkpoint(self, step: int) -> str:
