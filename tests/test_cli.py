@@ -280,6 +280,31 @@ def test_prune_dry_run_deletes_nothing_then_prunes_only_ours(run: tuple[str, dic
     assert cli("verify", url, "--all").returncode == 0
 
 
+def test_prune_beside_a_running_writer_refuses_and_deletes_nothing(tmp_path: Path) -> None:
+    url = str(tmp_path / "run")
+    writer = ROOT / "tests" / "scripts" / "fault_writer.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(writer), url, "-", "3", "16", "hold"], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("holding"):
+                break
+        before = sorted(Storage(url).scan().committed)
+        r = cli("prune", url, "--max-to-keep", "1")
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "another process is writing checkpoints" in r.stderr and f"pid {proc.pid}" in r.stderr, r.stderr
+        assert sorted(Storage(url).scan().committed) == before == [2, 3]
+        assert cli("prune", url, "--max-to-keep", "1", "--dry-run").returncode == 0  # looking is always allowed
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    r = cli("prune", url, "--max-to-keep", "1")  # the writer is gone (its lease names a dead pid): allowed
+    assert r.returncode == 0, r.stderr
+    assert sorted(Storage(url).scan().committed) == [3]
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 
