@@ -257,6 +257,29 @@ def run() -> None:
                     time.sleep(0.1)
                 os._exit(0)
             result["error"] = error_of(lambda: mgr.save(2, {"x": torch.zeros(2)}))
+    elif SCENARIO == "tiers_save":  # ARG: the parent of the ranks' local dirs; steps 1..3, each waited for
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        model, opt = fsdp_model(0)
+        mgr = autockpt.CheckpointManager(CKPT, storage_options=opts, local_dir=os.path.join(ARG, f"rank{RANK}"),
+                                         max_to_keep=None, rank_timeout=1)
+        for step in (1, 2, 3):
+            train(model, opt, 1, step)
+            mgr.save(step, {"model": model, "opt": opt})
+            result[f"full_{step}"] = full(model, opt)
+            result["durable"] = mgr.durable_step
+            result["error"] = error_of(lambda: mgr.wait_until_finished(timeout=60))  # rank 1 dies in step 3's
+        result["durable_after"] = mgr.durable_step
+        result["close_error"] = error_of(mgr.close)
+    elif SCENARIO == "tiers_resume":  # restore on 2 ranks with local dirs, then wait for the backlog
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        model, opt = fsdp_model(7)
+        train(model, opt, 1, 7)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts, local_dir=os.path.join(ARG, f"rank{RANK}"),
+                                        max_to_keep=None, rank_timeout=10) as mgr:
+            result["restored"] = mgr.restore({"model": model, "opt": opt})
+            result["full"] = full(model, opt)
+            result["finished"] = mgr.wait_until_finished(timeout=60)
+            result["durable"] = mgr.durable_step
     elif SCENARIO == "unshared":
         result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
     else:
