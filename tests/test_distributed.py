@@ -289,14 +289,18 @@ def test_tiers_on_two_ranks_survive_a_rank_killed_mid_upload(tmp_path: Path, s3_
         remote.close()
         assert "step_0000000003" in os.listdir(local / "rank1")  # committed locally before the upload
 
+        def expected(rank: int) -> dict[str, Any]:  # the model is replicated; "mine" is 0*10 + rank + 1 + 2 + 3
+            return {**res["state_3"], "mine": [float(rank + 6)] * 4}
+
+        assert expected(0) == res["state_3"]
         resumed = run("tiers_resume", 2, tmp_path / "o2", url, str(local))
         for r in resumed:
             assert r["restored"] == 3 and r["finished"] and r["durable"] == 3, r
-            assert r["full"] == res["full_3"], r  # exactly the state both ranks had committed locally
+            assert r["state"] == expected(r["rank"]), r  # exactly what each rank had committed locally
         state = autockpt.load(url, 3, storage_options=opts)  # the remote copy alone verifies
-        assert state["opt"]["state"], "step 3 on the remote holds the optimizer state"
+        assert state["model"]["weight"].tolist() == res["state_3"]["weight"]
 
         shutil.rmtree(local / "rank1")  # a replaced node: its local dir is empty
         again = run("tiers_resume", 2, tmp_path / "o3", url, str(local))
         for r in again:
-            assert r["restored"] == 3 and r["full"] == res["full_3"], r
+            assert r["restored"] == 3 and r["state"] == expected(r["rank"]), r
