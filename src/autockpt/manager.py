@@ -98,7 +98,9 @@ class CheckpointManager:
         local_dir: a fast local directory (node-local NVMe) in front of ``directory``: ``save()`` commits
             there at local speed and a background thread uploads each checkpoint to ``directory``, the durable
             tier and the one retention is computed on. ``durable_step`` is the newest uploaded step. Restore
-            reads the local copy when it verifies, else the remote one. See README "Preemptible machines".
+            reads the local copy when it verifies, else the remote one. Under ``torch.distributed`` each rank
+            gives its own node-local dir (only ``directory`` must be shared): each rank uploads its own files and
+            rank 0 commits the remote manifest once every rank's upload verified. See README "Preemptible machines".
         local_max_to_keep: how many of the newest checkpoints stay in ``local_dir``; steps not yet uploaded
             stay too (until uploaded or pruned by the retention policy).
         upload_deadline_s: on preemption, how long to wait for the final checkpoint to become durable. 20 s

@@ -212,10 +212,15 @@ class TorchCoordinator:
     def join_tiers(self, storage: Storage) -> None:
         """With ``local_dir`` (one per node): share the remote tier. The steps every rank committed locally and
         that are not durable yet are the backlog the ranks upload together."""
-        if not isinstance(storage, TieredStorage):
+        mine = sorted(storage.local.scan().committed) if isinstance(storage, TieredStorage) else None
+        every = self._gather(mine, self._ctl)
+        if all(s is None for s in every):
             return
-        local = sorted(storage.local.scan().committed)
-        complete = set.intersection(*(set(s) for s in self._gather(local, self._ctl)))
+        if not isinstance(storage, TieredStorage) or any(s is None for s in every):
+            raise InvalidArgumentError(
+                f"local_dir is given on ranks {[r for r, s in enumerate(every) if s is not None]} only: give every "
+                "rank its own local_dir (or none)")
+        complete = set.intersection(*(set(s) for s in every if s is not None))
         store = dist.PrefixStore("tiers/", self._store)
         storage.join_group(TierGroup(self.rank, self.world_size, store, self.rank_timeout), complete)
 

@@ -298,7 +298,9 @@ class TieredStorage(Storage):
             remote = self.remote.scan()
             if self._group is not None:  # the other ranks may be uploading their files of these
                 with self._lock:
-                    busy = {step_dirname(s) for s in self._pending | {self._uploading or -1}}
+                    busy = {step_dirname(s) for s in self._pending}
+                    if self._uploading is not None:
+                        busy.add(step_dirname(self._uploading))
                 remote.uncommitted = [n for n in remote.uncommitted if n not in busy]
             self.remote.cleanup(remote)
         except Exception as e:  # the remote is down: its leftovers go next time
