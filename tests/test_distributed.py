@@ -261,3 +261,46 @@ def test_unshared_local_storage_is_detected_at_start(tmp_path: Path) -> None:
         assert r["error"] is not None and r["error"]["type"] == "InvalidArgumentError", r
         assert "not shared between the ranks: ranks [1]" in r["error"]["message"]
     assert not list((tmp_path / "ckpt" / "rank0").iterdir())  # rank 0 removed its probe file
+
+
+def test_tiers_on_two_ranks_survive_a_rank_killed_mid_upload(tmp_path: Path, s3_server: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 ranks, each with its own local dir, one S3 remote: rank 1 is SIGKILLed at the first payload PUT of step
+    3's upload (after steps 1 and 2 became durable). Rank 0 learns of it within rank_timeout (no hang) and the
+    remote never commits step 3; both restart, restore step 3 exactly (locally complete on both ranks) and its
+    upload finishes; then a rank whose local dir is gone restores it from the remote."""
+    from faultproxy import FaultProxy, s3_options
+
+    url = f"s3://{s3_server.new_bucket()}/run"
+    local = tmp_path / "local"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AUTOCKPT_TEST_STORAGE_OPTIONS", json.dumps(s3_options(proxy.endpoint, timeout=5)))
+        g = Group("tiers_save", 2, tmp_path / "o1", url, str(local))
+        proxy.arm(g.procs[1].pid, 5, kind="payload PUT")  # each step uploads one file per rank: step 3's first
+        codes = g.wait(90)
+        assert codes[1] == -signal.SIGKILL and codes[0] == 0, (codes, proxy.killed, g.logs())
+        (res,) = g.results([0])
+        assert res["durable"] == 2 and res["durable_after"] == 2, res  # step 3 never became durable
+        for err in (res["error"], res["close_error"]):  # the failure reached rank 0, bounded by rank_timeout
+            assert err is not None and err["type"] == "SaveError" and "rank 1" in err["message"], res
+        opts = s3_server.storage_options
+        remote = autockpt.CheckpointManager(url, storage_options=opts, distributed=False)
+        assert remote.all_steps() == [1, 2]  # no partial remote checkpoint of step 3 is committed
+        remote.close()
+        assert "step_0000000003" in os.listdir(local / "rank1")  # committed locally before the upload
+
+        def expected(rank: int) -> dict[str, Any]:  # the model is replicated; "mine" is 0*10 + rank + 1 + 2 + 3
+            return {**res["state_3"], "mine": [float(rank + 6)] * 4}
+
+        assert expected(0) == res["state_3"]
+        resumed = run("tiers_resume", 2, tmp_path / "o2", url, str(local))
+        for r in resumed:
+            assert r["restored"] == 3 and r["finished"] and r["durable"] == 3, r
+            assert r["state"] == expected(r["rank"]), r  # exactly what each rank had committed locally
+        state = autockpt.load(url, 3, storage_options=opts)  # the remote copy alone verifies
+        assert state["model"]["weight"].tolist() == res["state_3"]["weight"]
+
+        shutil.rmtree(local / "rank1")  # a replaced node: its local dir is empty
+        again = run("tiers_resume", 2, tmp_path / "o3", url, str(local))
+        for r in again:
+            assert r["restored"] == 3 and r["state"] == expected(r["rank"]), r

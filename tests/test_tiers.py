@@ -326,12 +326,16 @@ def test_cli_sync_uploads_a_backlog_and_ls_shows_where(s3_url: tuple[str, dict[s
     assert [line.split()[-1] for line in _rows(capsys.readouterr().out)] == ["remote", "both", "both"]
 
 
-def test_local_dir_under_torch_distributed_is_refused_for_now(tmp_path: Path) -> None:
+def test_local_dir_under_a_torch_distributed_process_group_uploads(tmp_path: Path) -> None:
+    """A process group (here of one rank) with local_dir: the ranks share the remote tier (this used to raise)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     try:
-        with pytest.raises(InvalidArgumentError, match="local_dir is not supported under torch.distributed"):
-            autockpt.CheckpointManager(tmp_path / "r", local_dir=tmp_path / "l")
+        with autockpt.CheckpointManager(tmp_path / "r", local_dir=tmp_path / "l") as mgr:
+            assert mgr.storage.grouped
+            mgr.save(1, {"x": torch.arange(3.0)})
+            assert mgr.wait_until_finished(timeout=30) and mgr.durable_step == 1
+        assert float(autockpt.load(tmp_path / "r")["x"][2]) == 2.0
     finally:
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ import numpy as np
 
 from autockpt import fit, per_rank
 from autockpt.collect import collect
-from autockpt.coordination import coordinator_for, process_group_initialized
+from autockpt.coordination import coordinator_for
 from autockpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -52,7 +52,15 @@ from autockpt.reader import (
 )
 from autockpt.retention import CheckpointInfo, KeepBest
 from autockpt.staging import BackgroundSaver
-from autockpt.storage import BlobStore, Storage, access_problem, open_storage, step_dirname, transient
+from autockpt.storage import (
+    BlobStore,
+    Storage,
+    TieredStorage,
+    access_problem,
+    open_storage,
+    step_dirname,
+    transient,
+)
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
@@ -90,7 +98,9 @@ class CheckpointManager:
         local_dir: a fast local directory (node-local NVMe) in front of ``directory``: ``save()`` commits
             there at local speed and a background thread uploads each checkpoint to ``directory``, the durable
             tier and the one retention is computed on. ``durable_step`` is the newest uploaded step. Restore
-            reads the local copy when it verifies, else the remote one. See README "Preemptible machines".
+            reads the local copy when it verifies, else the remote one. Under ``torch.distributed`` each rank
+            gives its own node-local dir (only ``directory`` must be shared): each rank uploads its own files and
+            rank 0 commits the remote manifest once every rank's upload verified. See README "Preemptible machines".
         local_max_to_keep: how many of the newest checkpoints stay in ``local_dir``; steps not yet uploaded
             stay too (until uploaded or pruned by the retention policy).
         upload_deadline_s: on preemption, how long to wait for the final checkpoint to become durable. 20 s
@@ -160,11 +170,6 @@ class CheckpointManager:
             storage_options, max_consecutive_failures, progress, distributed, local_dir, local_max_to_keep,
             upload_deadline_s, rank_timeout, lease_ttl, lease_renew_seconds, dedup,
         )
-        if local_dir is not None and distributed is not False and process_group_initialized():
-            raise InvalidArgumentError(
-                "local_dir is not supported under torch.distributed yet: save to the shared directory directly, "
-                "or pass distributed=False and save from one rank"
-            )
         self.upload_deadline_s = upload_deadline_s
         self._stopping = False  # durability() was called: the process is about to exit; close() waits no more
         self.policy = self.options.policy
@@ -184,7 +189,9 @@ class CheckpointManager:
         self._closed = False
         # Under torch.distributed every rank creates the manager; ranks then agree on every decision.
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
-        self._coord.setup(self.storage)
+        self._coord.setup(self.storage)  # with local_dir: the remote tier must be shared, not the local dirs
+        self._coord.join_tiers(self.storage)  # ... which each rank uploads its own files to
+        self._tiers_shared = isinstance(self.storage, TieredStorage) and self.storage.grouped
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
         # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory; so do
         # saves to a storage that cannot hold shared packs (the tiers upload whole checkpoint directories).
@@ -204,6 +211,9 @@ class CheckpointManager:
             if why is None:
                 raise
             raise StorageAccessError(f"cannot use {self.directory}: {why}") from None
+        if isinstance(self.storage, TieredStorage) and self.storage.grouped:
+            self._coord.gather(None)  # the writer cleaned up the remote before the ranks resume their uploads
+            self.storage.resume_uploads()
 
     # ------------------------------------------------------------------------------------------ the lease
     def acquire(self) -> None:
@@ -519,6 +529,8 @@ class CheckpointManager:
             except OSError as e:  # the step is committed; what was not collected now, the next start collects
                 log.warning("autockpt: collecting unreferenced packs of %s failed (%r); they are collected at the "
                             "next save or start", self.directory, e)
+        elif self._tiers_shared:  # every rank removes its own local copies of what the policy drops
+            self._prune(step, committed | {step})
 
     def _prune(self, just_saved: int, committed: set[int]) -> None:
         """Delete what the policy no longer keeps. ``committed`` needs no new listing: the lease makes this
@@ -537,6 +549,16 @@ class CheckpointManager:
                 self.storage.delete(info.step)
                 self._manifests.pop(info.step, None)
                 log.debug("autockpt: deleted checkpoint %s (retention)", step_dirname(info.step))
+
+    def _settle_uploads(self) -> None:
+        """Wait up to ``upload_deadline_s`` for the ranks' backlog to upload (a failure: a warning; the steps it
+        leaves not durable are read where they are, and skipped if a rank cannot read them)."""
+        try:
+            if not self.storage.wait_uploads(self.upload_deadline_s):
+                log.warning("autockpt: uploads of %s did not finish within %g s before restoring", self.directory,
+                            self.upload_deadline_s)
+        except SaveError as e:
+            log.warning("autockpt: %s", e)
 
     def _count_background_failure(self, error: BaseException) -> None:
         self._failures += 1
@@ -639,6 +661,8 @@ class CheckpointManager:
         if not isinstance(state, MutableMapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a dict with str keys, e.g. {'model': model}")
         self._wait()
+        if self._tiers_shared:  # a step only on the ranks' local dirs: each rank needs the others' files uploaded
+            self._settle_uploads()
         committed = self._coord.broadcast_from_writer(self.storage.scan().committed)
         if step is not None:
             if step not in committed:

@@ -81,6 +81,30 @@ def full(model: Any, opt: Any) -> dict[str, Any]:
     return out
 
 
+def tiers_state(seed: int) -> dict[str, Any]:
+    """A replicated model (written by rank 0 only) and a tensor of each rank's own (written by that rank)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 5)
+    return {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            "mine": autockpt.PerRank(torch.full((4,), float(seed * 10 + RANK)))}
+
+
+def tiers_train(state: dict[str, Any], step: int) -> None:
+    model, opt = state["model"], state["opt"]
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(step))  # the same on every rank: replicated
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step()
+    state["mine"].value += step
+
+
+def tiers_plain(state: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v.tolist() for k, v in state["model"].state_dict().items()}
+    out["momentum"] = [st["momentum_buffer"].tolist() for st in state["opt"].state_dict()["state"].values()]
+    out["mine"] = state["mine"].value.tolist()
+    return out
+
+
 class DyingFile:
     """A file that SIGKILLs its own process after the first write: a rank killed in the middle of a save."""
 
@@ -257,6 +281,28 @@ def run() -> None:
                     time.sleep(0.1)
                 os._exit(0)
             result["error"] = error_of(lambda: mgr.save(2, {"x": torch.zeros(2)}))
+    elif SCENARIO == "tiers_save":  # ARG: the parent of the ranks' local dirs; steps 1..3, each waited for
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        mgr = autockpt.CheckpointManager(CKPT, storage_options=opts, local_dir=os.path.join(ARG, f"rank{RANK}"),
+                                         max_to_keep=None, rank_timeout=1)
+        state = tiers_state(0)
+        for step in (1, 2, 3):
+            tiers_train(state, step)
+            mgr.save(step, state)
+            result[f"state_{step}"] = tiers_plain(state)
+            result["durable"] = mgr.durable_step
+            result["error"] = error_of(lambda: mgr.wait_until_finished(timeout=60))  # rank 1 dies in step 3's
+        result["durable_after"] = mgr.durable_step
+        result["close_error"] = error_of(mgr.close)
+    elif SCENARIO == "tiers_resume":  # restore on 2 ranks with local dirs, then wait for the backlog
+        opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
+        state = tiers_state(7)
+        with autockpt.CheckpointManager(CKPT, storage_options=opts, local_dir=os.path.join(ARG, f"rank{RANK}"),
+                                        max_to_keep=None, rank_timeout=10) as mgr:
+            result["restored"] = mgr.restore(state)
+            result["state"] = tiers_plain(state)
+            result["finished"] = mgr.wait_until_finished(timeout=60)
+            result["durable"] = mgr.durable_step
     elif SCENARIO == "unshared":
         result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
     else:

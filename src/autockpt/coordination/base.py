@@ -52,6 +52,10 @@ class Coordinator(Protocol):
         """Run ``fn(*args)`` on every rank; if it raises an autockpt error on any rank, raise it on every rank."""
         ...
 
+    def join_tiers(self, storage: Storage) -> None:
+        """With a tiered storage (``local_dir``) under several ranks: share its remote tier between them."""
+        ...
+
     def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:
         """The tensors this rank writes (replicated ones on the writer only, sharded ones as local shards)."""
         ...

@@ -44,6 +44,9 @@ class LocalCoordinator:
     def run_raising_everywhere(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
 
+    def join_tiers(self, storage: Storage) -> None:
+        return None
+
     def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:
         return entries
 

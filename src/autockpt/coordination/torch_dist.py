@@ -23,7 +23,8 @@ from autockpt.errors import AutockptError, InvalidArgumentError, SaveError, Unsu
 from autockpt.format import TensorEntry, dump_manifest
 from autockpt.payload import write_payload
 from autockpt.reader import read_manifest
-from autockpt.storage import CheckpointWriter, Storage, step_dirname
+from autockpt.storage import CheckpointWriter, Storage, TieredStorage, step_dirname
+from autockpt.storage.tiered import TierGroup
 
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
@@ -208,6 +209,21 @@ class TorchCoordinator:
                 "(NFS, Lustre, ...) mounted at the same path, or an object store URL (s3://, gs://, ...)"
             )
 
+    def join_tiers(self, storage: Storage) -> None:
+        """With ``local_dir`` (one per node): share the remote tier. The steps every rank committed locally and
+        that are not durable yet are the backlog the ranks upload together."""
+        mine = sorted(storage.local.scan().committed) if isinstance(storage, TieredStorage) else None
+        every = self._gather(mine, self._ctl)
+        if all(s is None for s in every):
+            return
+        if not isinstance(storage, TieredStorage) or any(s is None for s in every):
+            raise InvalidArgumentError(
+                f"local_dir is given on ranks {[r for r, s in enumerate(every) if s is not None]} only: give every "
+                "rank its own local_dir (or none)")
+        complete = set.intersection(*(set(s) for s in every if s is not None))
+        store = dist.PrefixStore("tiers/", self._store)
+        storage.join_group(TierGroup(self.rank, self.world_size, store, self.rank_timeout), complete)
+
     # ------------------------------------------------------------------------------------------ saving
     def prepare(self, entries: list[TensorEntry]) -> list[TensorEntry]:
         """The tensors this rank writes: replicated ones on rank 0 only, and this rank's shards."""
@@ -264,6 +280,8 @@ class TorchCoordinator:
         on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """The save protocol; see the module's docstring and ``docs``: one commit, by rank 0, after all succeeded."""
+        if isinstance(storage, TieredStorage) and storage.grouped:
+            return self._write_tiered(storage, step, entries, shard_bytes, make_manifest, on_bytes)
         where = f"saving step {step} to {storage.url}"
         writer: CheckpointWriter | None = None
         manifest: dict[str, Any] | None = None
@@ -325,6 +343,60 @@ class TorchCoordinator:
         if manifest is None:  # other ranks: the manifest rank 0 committed, for logging and the manifest cache
             manifest = self._manifest_of(storage, step)
         return manifest
+
+    def _write_tiered(
+        self, storage: TieredStorage, step: int, entries: list[TensorEntry], shard_bytes: int,
+        make_manifest: ManifestBuilder, on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """The save protocol with node-local dirs: every rank writes its files into its own local dir; rank 0
+        makes the manifest of all of them; every rank commits it locally (next to its own files only); once all
+        did, each rank queues its upload (see ``TieredStorage``). Any rank's failure fails the save everywhere
+        and removes the local copies that were committed."""
+        where = f"saving step {step} to {storage.local.url} (rank {self.rank})"
+        writer: CheckpointWriter | None = None
+        try:
+            try:
+                writer = CheckpointWriter(storage, step)
+                report: Any = ("ok", self._write_mine(storage, writer.dir, entries, shard_bytes, on_bytes))
+            except Exception as e:
+                log.error("autockpt: rank %d failed writing step %d: %r", self.rank, step, e)
+                report = ("error", f"{type(e).__name__}: {e}")
+            reports = self._gather(report, self._io)
+            failed = {r: rep[1] for r, rep in enumerate(reports) if rep[0] != "ok"}
+            raw: bytes | None = None
+            if self.rank == 0 and not failed:
+                try:
+                    files: dict[str, Any] = {}
+                    tensors: dict[str, Any] = {}
+                    for _, (f, t) in reports:
+                        files.update(f)
+                        tensors.update(t)
+                    raw = dump_manifest(make_manifest(files, tensors))
+                except Exception as e:
+                    failed = {0: f"could not make the manifest: {e!r}"}
+            raw, failed = self._bcast((raw, failed), self._io)
+            committed = None
+            if not failed:
+                assert writer is not None and raw is not None
+                try:
+                    writer.commit(raw)
+                except Exception as e:
+                    committed = f"could not commit locally: {e!r}"
+            failed = {r: msg for r, msg in enumerate(self._gather(committed, self._io)) if msg is not None}
+        except Exception as e:  # a collective failed: a rank died or timed out
+            failed = {-1: f"the ranks could not complete the save protocol ({e!r})"}
+        if failed:
+            if writer is not None:
+                if writer.committed:  # not committed on every rank: not a checkpoint
+                    storage.local.delete(step)
+                else:
+                    writer.abort()
+            shown = "; ".join(f"rank {r}: {msg}" if r >= 0 else msg for r, msg in sorted(failed.items()))
+            error = SaveError(f"{where} failed, nothing was committed: {shown}. Earlier checkpoints are intact.")
+            error.failures = {r: m for r, m in failed.items() if r >= 0}
+            raise error
+        storage.queue_upload(step)
+        return self._manifest_of(storage, step)
 
     def _manifest_of(self, storage: Storage, step: int) -> dict[str, Any]:
         try:

@@ -18,6 +18,13 @@ Tier rules:
 - ``local_dir`` is bound to one remote: a marker file records its URL, and a local dir that holds checkpoints
   of another remote is refused.
 
+Under ``torch.distributed`` (:meth:`TieredStorage.join_group`) each rank has its own node-local ``local_dir``: its
+local copy of a step holds the full manifest and only the files this rank wrote. Each rank uploads its own
+files into the remote step directory and reports their sizes and checksums through the process group's store;
+rank 0 writes the remote manifest only once every rank's report matches the manifest, and posts the outcome,
+which every rank waits for (bounded by ``rank_timeout`` without progress), so all ranks agree on what is durable.
+A rank reads each file of a step from its local copy when it has it, else from the remote.
+
 Imports ``autockpt.errors`` and the package's own modules.
 """
 
@@ -31,11 +38,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO, TypeVar
 
 import xxhash
 
-from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError
+from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError
 from autockpt.storage.base import Fence, Listing, PayloadFile, Storage
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
@@ -47,6 +56,22 @@ _CHUNK = 8 * 2**20
 _PARALLEL = 4  # payload files uploaded at once (s3fs uploads each in multipart chunks)
 _GIVE_UP_AFTER = 3  # failed attempts of one step before wait_until_finished() reports the failure
 _MAX_BACKOFF = 30.0
+
+
+@dataclass
+class TierGroup:
+    """The ranks of a ``torch.distributed`` run sharing one remote tier: this rank, their number, a key-value
+    store all of them reach (the process group's, thread-safe) and how long a rank waits for another that makes
+    no progress."""
+
+    rank: int
+    world_size: int
+    store: Any
+    rank_timeout: float
+
+
+class _Gone(Exception):
+    """The step was deleted (retention) while the ranks uploaded it."""
 
 
 class TieredStorage(Storage):
@@ -83,6 +108,8 @@ class TieredStorage(Storage):
         self._stop = False
         self._thread: threading.Thread | None = None
         self._retry_at = 0.0
+        self._group: TierGroup | None = None  # set by join_group under torch.distributed
+        self._gens: dict[int, int] = {}  # group mode: upload attempts of each step, the same on every rank
 
     def _remote_steps(self) -> set[int]:
         try:
@@ -132,13 +159,19 @@ class TieredStorage(Storage):
         return dict(sorted(out.items()))
 
     def copies(self, step: int) -> list[Storage]:
+        if self._group is not None:  # this rank's local copy holds its own files: read the others' remotely
+            with self._lock:
+                durable = step in self._durable
+            return [self, self.remote] if durable else [self]
         local = self.local.exists(os.path.join(step_dirname(step), MANIFEST_NAME))
         with self._lock:
             durable = step in self._durable
         return [s for s, has in ((self.local, local), (self.remote, durable)) if has] or [self.local]
 
-    def _read(self, step: int, fn: Callable[[Storage], T]) -> T:
+    def _read(self, step: int, fn: Callable[[Storage], T], name: str = MANIFEST_NAME) -> T:
         """``fn`` on the first tier holding ``step``; the next one if the local copy went meanwhile (pruned)."""
+        if self._group is not None:
+            return self._read_grouped(step, fn, name)
         copies = self.copies(step)
         for copy in copies[:-1]:
             try:
@@ -212,10 +245,10 @@ class TieredStorage(Storage):
         return self._read(step, lambda t: t.read_manifest(step))
 
     def open_payload(self, step: int, name: str, size: int) -> PayloadFile:
-        return self._read(step, lambda t: t.open_payload(step, name, size))
+        return self._read(step, lambda t: t.open_payload(step, name, size), name)
 
     def file_size(self, step: int, name: str) -> int:
-        return self._read(step, lambda t: t.file_size(step, name))
+        return self._read(step, lambda t: t.file_size(step, name), name)
 
     def begin_checkpoint(self, step: int) -> str:
         self._bind()
@@ -229,6 +262,10 @@ class TieredStorage(Storage):
 
     def finish_checkpoint(self, directory: str, step: int) -> None:
         self.local.finish_checkpoint(directory, step)
+        if self._group is not None:  # queued by queue_upload once every rank committed its local copy
+            with self._lock:
+                self._durable.discard(step)
+            return
         with self._lock:
             self._durable.discard(step)  # a new copy of this step (a damaged one rewritten): upload it again
             self._pending.add(step)
@@ -241,6 +278,12 @@ class TieredStorage(Storage):
 
     def delete(self, step: int) -> None:
         self.local.delete(step)
+        if self._group is not None and self._group.rank != 0:  # the writer rank deletes the remote copy
+            with self._lock:
+                self._pending.discard(step)
+            return
+        if self._group is not None:
+            self._say_gone(step)
         with self._lock:
             self._pending.discard(step)
             if step in self._durable or step == self._uploading:
@@ -252,9 +295,18 @@ class TieredStorage(Storage):
         """Leftovers of a crash on both tiers (a partial upload included); the local-only steps are queued."""
         self.local.cleanup(self.local.scan())
         try:
-            self.remote.cleanup(self.remote.scan())
+            remote = self.remote.scan()
+            if self._group is not None:  # the other ranks may be uploading their files of these
+                with self._lock:
+                    busy = {step_dirname(s) for s in self._pending}
+                    if self._uploading is not None:
+                        busy.add(step_dirname(self._uploading))
+                remote.uncommitted = [n for n in remote.uncommitted if n not in busy]
+            self.remote.cleanup(remote)
         except Exception as e:  # the remote is down: its leftovers go next time
             log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
+        if self._group is not None:  # join_group queued the steps complete on every rank
+            return
         backlog = set(self.local.scan().committed)
         durable = self._remote_steps()
         with self._lock:
@@ -325,12 +377,17 @@ class TieredStorage(Storage):
                         self._remote_deletes.discard(step)
                         self._durable.discard(step)
                 else:
-                    self._upload(step)
+                    durable = True
+                    if self._group is not None:
+                        durable = self._upload_group(step)
+                    else:
+                        self._upload(step)
                     with self._lock:
                         self._uploading = None
                         self._attempts.pop(step, None)
                         self._error = None
-                        self._durable.add(step)  # (pruned meanwhile: in _remote_deletes, deleted next)
+                        if durable:
+                            self._durable.add(step)  # (pruned meanwhile: in _remote_deletes, deleted next)
                     self._prune_local()
                 self._retry_at = 0.0
             except Exception as e:  # never raised into training: a warning, and a retry later
@@ -416,6 +473,217 @@ class TieredStorage(Storage):
         log.warning("autockpt: %d checkpoints wait in %s for %s to come back; training goes on, and local copies "
                     "pile up only to what the retention policy keeps (max_to_keep, keep_every_n_hours, keep_best)",
                     waiting, self.local.url, self.remote.url)
+
+
+    # ------------------------------------------------------------------------------------------ ranks
+    @property
+    def grouped(self) -> bool:
+        """Whether the ranks of a process group share the remote tier (each with its own local dir)."""
+        return self._group is not None
+
+    def join_group(self, group: TierGroup, complete: set[int]) -> None:
+        """Share the remote tier with the other ranks of a process group. ``complete``: the steps every rank has
+        committed locally; those not yet durable are uploaded once :meth:`resume_uploads` is called."""
+        self._group = group
+        if group.rank != 0:  # rank 0 cleans both tiers as the writer
+            self.local.cleanup(self.local.scan())
+        with self._lock:
+            self._pending |= complete - self._durable
+
+    def resume_uploads(self) -> None:
+        """Start uploading the backlog found by :meth:`join_group` (after the writer cleaned up the remote)."""
+        with self._lock:
+            if self._pending:
+                log.info("autockpt: rank %d resumes the upload of step(s) %s from %s to %s",
+                         self._group.rank if self._group else 0, sorted(self._pending), self.local.url,
+                         self.remote.url)
+                self._start()
+                self._lock.notify_all()
+
+    def queue_upload(self, step: int) -> None:
+        """Upload ``step``, committed locally by every rank (group mode)."""
+        with self._lock:
+            self._pending.add(step)
+            self._attempts.pop(step, None)
+            self._start()
+            self._lock.notify_all()
+
+    def _read_grouped(self, step: int, fn: Callable[[Storage], T], name: str) -> T:
+        """``fn`` on this rank's local copy if it holds file ``name``, else on the remote step directory (its
+        files may be there before the remote manifest: they are checked against the manifest's checksums when
+        read). A file on neither makes the step not restorable here, which the reader takes as a damaged
+        checkpoint and falls back."""
+        if self.local.exists(os.path.join(step_dirname(step), name)):
+            try:
+                return fn(self.local)
+            except (CheckpointNotFoundError, FileNotFoundError):
+                pass
+        try:
+            return fn(self.remote)
+        except (CheckpointNotFoundError, FileNotFoundError) as e:
+            raise CorruptCheckpointError(
+                f"{step_dirname(step)} is neither in {self.local.url} nor uploaded to {self.remote.url} ({e}); "
+                "it was not committed on every rank, or that rank's local dir is gone") from None
+
+    def _say_gone(self, step: int) -> None:
+        assert self._group is not None
+        try:
+            self._group.store.set(f"{step}/gone", "1")
+        except Exception as e:  # the store is gone: the other ranks' waits end on their own
+            log.debug("autockpt: cannot tell the ranks that step %d was deleted: %r", step, e)
+
+    def _await(self, key: str, step: int, beat: str | None) -> Any:
+        """The JSON value of ``key`` in the group's store, once set; waits while the rank that sets it makes
+        progress (``beat`` grows), and at most ``rank_timeout`` seconds without."""
+        g = self._group
+        assert g is not None
+        deadline, last = time.monotonic() + g.rank_timeout, -1
+        while True:
+            if g.store.check([key]):
+                return json.loads(g.store.get(key))
+            if g.store.check([f"{step}/gone"]):
+                raise _Gone()
+            if self._stop:
+                raise SaveError(f"closed while waiting for {key!r} of step {step}")
+            if beat is not None:
+                n = int(g.store.add(beat, 0))
+                if n != last:
+                    deadline, last = time.monotonic() + g.rank_timeout, n
+            if time.monotonic() > deadline:
+                raise SaveError(f"waited rank_timeout={g.rank_timeout:g} s for {key!r} without progress")
+            time.sleep(0.1)
+
+    def _copy_own(self, step: int, directory: str, name: str, info: dict[str, Any], beat: str) -> list[Any]:
+        """Upload one of this rank's files, then check the checksum of the bytes sent and the size that arrived."""
+        assert self._group is not None
+        store = self._group.store
+
+        def attempt() -> str:
+            h = xxhash.xxh3_64()
+            src = self.local.open_payload(step, name, int(info["size"]))
+            try:
+                with self.remote.open_for_write(self.remote.join(directory, name)) as f:
+                    pos = 0
+                    while pos < src.size:
+                        chunk = src.read(pos, min(_CHUNK, src.size - pos))
+                        h.update(chunk)
+                        f.write(chunk)
+                        pos += len(chunk)
+                        store.add(beat, 1)
+            finally:
+                src.close()
+            return str(h.hexdigest())
+
+        digest = self.remote.retrying(attempt, f"uploading {directory}/{name}")
+        if "xxh3_64" in info and digest != info["xxh3_64"]:
+            raise SaveError(f"{self.local.url} {step_dirname(step)}/{name} does not match its checksum: the local "
+                            "copy is damaged")
+        path = self.remote.join(directory, name)
+        size = int(self.remote.retrying(lambda: self._remote_size(path), f"checking {path}"))
+        if size != info["size"]:
+            raise SaveError(f"{path}: {size} bytes arrived, {info['size']} were sent")
+        return [size, digest]
+
+    def _remote_size(self, path: str) -> int:
+        self.remote.fs.invalidate_cache(path)
+        return int(self.remote.fs.size(path))
+
+    def _upload_group(self, step: int) -> bool:
+        """One attempt of the ranks at making ``step`` durable; True once rank 0 committed the remote manifest,
+        False if the step was deleted meanwhile. Raises (on every rank) if any rank's upload failed."""
+        g = self._group
+        assert g is not None
+        gen = self._gens[step] = self._gens.get(step, -1) + 1  # every rank makes every attempt: they agree
+        key = f"{step}/{gen}/"
+        t0 = time.perf_counter()
+        raw = self.local.read_manifest(step)
+        doc = json.loads(raw)
+        files: dict[str, dict[str, Any]] = doc.get("body", doc)["files"]
+        here = step_dirname(step)
+        mine = {n: files[n] for n in sorted(files) if self.local.exists(os.path.join(here, n))}
+        beat = f"{key}beat{g.rank}"
+        posted = False
+        try:
+            if g.rank == 0:
+                try:
+                    directory = self.remote.begin_checkpoint(step)
+                except Exception as e:
+                    g.store.set(key + "dir", json.dumps({"error": f"rank 0: {e!r}"}))
+                    raise
+                g.store.set(key + "dir", json.dumps({"dir": directory}))
+            else:
+                got = self._await(key + "dir", step, f"{key}beat0")
+                if "error" in got:
+                    raise SaveError(got["error"])
+                directory = got["dir"]
+            with ThreadPoolExecutor(min(_PARALLEL, max(1, len(mine)))) as pool:
+                sent = dict(zip(mine, pool.map(lambda n: self._copy_own(step, directory, n, mine[n], beat), mine),
+                                strict=True))
+            g.store.set(key + f"r{g.rank}", json.dumps({"ok": sent}))
+            posted = True
+            if g.rank == 0:
+                self._commit_group(step, gen, directory, raw, files)
+            else:
+                done = self._await(key + "done", step, f"{key}beat0")
+                if "error" in done:
+                    raise SaveError(f"step {step} did not become durable: {done['error']}")
+        except _Gone:
+            return False
+        except Exception as e:
+            why = json.dumps({"error": f"rank {g.rank}: {type(e).__name__}: {e}"})
+            try:
+                if not posted:  # so that rank 0 does not wait for this rank's report of this attempt
+                    g.store.set(key + f"r{g.rank}", why)
+                if g.rank == 0 and not g.store.check([key + "done"]):  # nor the others for the outcome
+                    g.store.set(key + "done", why)
+            except Exception:  # the store is gone with rank 0
+                pass
+            raise
+        size = sum(int(f["size"]) for f in mine.values())
+        log.info("autockpt: step %d is durable on %s: rank %d uploaded %.1f MB in %.2f s", step, self.remote.url,
+                 g.rank, size / 1e6, time.perf_counter() - t0)
+        return True
+
+    def _commit_group(self, step: int, gen: int, directory: str, raw: bytes, files: dict[str, Any]) -> None:
+        """Rank 0: wait for every rank's report, check it against the manifest, commit; post the outcome."""
+        g = self._group
+        assert g is not None
+        key = f"{step}/{gen}/"
+        try:
+            problems: dict[int, str] = {}
+            sent: dict[str, Any] = {}
+            for r in range(g.world_size):
+                try:
+                    rep = self._await(key + f"r{r}", step, f"{key}beat{r}")
+                except SaveError as e:
+                    problems[r] = f"no report ({e})"
+                    continue
+                if "error" in rep:
+                    problems[r] = rep["error"]
+                else:
+                    sent.update(rep["ok"])
+            for name, info in sorted(files.items()):
+                if name not in sent and not problems:
+                    problems[0] = f"no rank uploaded {name}"
+                elif name in sent and sent[name] != [info["size"], info.get("xxh3_64", sent[name][1])]:
+                    problems[0] = f"{name} arrived as {sent[name]}, the manifest says {info['size']} bytes"
+            if not problems:  # still all there (a cleanup never removes them, but verify before the commit)
+                for name, info in files.items():
+                    path = self.remote.join(directory, name)
+                    if self.remote.retrying(partial(self._remote_size, path), f"checking {path}") != info["size"]:
+                        problems[0] = f"{path} is not {info['size']} bytes"
+            if problems:
+                raise SaveError("; ".join(f"rank {r}: {m}" for r, m in sorted(problems.items())))
+            self.remote.check_fence()
+            self.remote.retrying(lambda: _write_all(self.remote, self.remote.join(directory, MANIFEST_NAME), raw),
+                                 f"committing {directory}")
+            self.remote.finish_checkpoint(directory, step)
+        except _Gone:
+            raise
+        except Exception as e:
+            g.store.set(key + "done", json.dumps({"error": f"{e}"}))
+            raise
+        g.store.set(key + "done", json.dumps({"ok": True}))
 
 
 def _write_all(storage: Storage, path: str, data: bytes) -> None:
