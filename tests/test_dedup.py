@@ -398,3 +398,26 @@ def test_a_frozen_tensor_changed_behind_autograds_back_is_saved_again(
     autockpt.CheckpointManager(url).restore(target)
     assert torch.equal(target["frozen"], expected), f"seed {seed}: restore did not return the new bytes"
     assert torch.equal(target["other"], other), f"seed {seed}"
+
+
+def test_an_async_save_does_not_stage_tensors_whose_bytes_are_stored(tmp_path: Path, seed: int) -> None:
+    """Async + dedup: an unchanged host tensor is hashed at save() and referred to, not copied into a staging
+    buffer; changing it right after save() returns does not change what that save stored."""
+    torch.manual_seed(seed)
+    frozen, head = torch.randn(128, 128), torch.randn(8)
+    url = str(tmp_path / "run")
+    with autockpt.CheckpointManager(url, dedup=True, async_save=True) as mgr:
+        mgr.save(1, {"frozen": frozen, "head": head})
+        head.add_(1.0)
+        mgr.save(2, {"frozen": frozen, "head": head})
+        saved_frozen, saved_head = frozen.clone(), head.clone()
+        frozen.add_(1.0)  # right after save() returned: the checkpoint of step 2 keeps the old bytes
+        head.add_(1.0)
+        mgr.wait_until_finished()
+        assert "frozen" not in mgr._background._buffers, f"seed {seed}: the unchanged tensor was staged"
+        assert "head" in mgr._background._buffers, f"seed {seed}"
+    storage = open_storage(url)
+    assert set(_new_packs(storage, 2)) == {"head"}, f"seed {seed}"
+    target = {"frozen": torch.zeros(128, 128), "head": torch.zeros(8)}
+    assert autockpt.CheckpointManager(url).restore(target) == 2
+    assert torch.equal(target["frozen"], saved_frozen) and torch.equal(target["head"], saved_head), f"seed {seed}"
