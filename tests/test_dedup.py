@@ -352,3 +352,72 @@ def test_async_saves_deduplicate_and_collect_in_the_background(tmp_path: Path) -
     got = autockpt.load(str(tmp_path))
     assert torch.equal(got["head"]["weight"], head.weight)
     assert torch.equal(got["backbone"]["2.weight"], backbone[2].weight)
+
+
+def _change_data_inplace(p: torch.nn.Parameter) -> None:
+    p.data.add_(1.0)  # through .data: the parameter's version counter does not move
+
+
+def _change_copy_no_grad(p: torch.nn.Parameter) -> None:
+    with torch.no_grad():
+        p.copy_(p + 1.0)
+
+
+def _change_rebind_data(p: torch.nn.Parameter) -> None:
+    p.data = p.data + 1.0  # new storage, same shape and dtype
+
+
+def _change_numpy_view(p: torch.nn.Parameter) -> None:
+    p.detach().numpy()[...] += 1.0  # a NumPy view: torch sees no write at all
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("change", [_change_data_inplace, _change_copy_no_grad, _change_rebind_data,
+                                    _change_numpy_view])
+def test_a_frozen_tensor_changed_behind_autograds_back_is_saved_again(
+        tmp_path: Path, change: Any, async_save: bool, seed: int) -> None:
+    """A requires_grad=False parameter that changed in place (however: .data, copy_ under no_grad, a new .data,
+    a NumPy view) between two saves is written again, and restore returns the new bytes: deduplication never
+    trusts anything but the bytes (no cache of content hashes keyed on version counters or addresses)."""
+    torch.manual_seed(seed)
+    frozen = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
+    other = torch.randn(64, 64)
+    url = str(tmp_path / "run")
+    with autockpt.CheckpointManager(url, dedup=True, async_save=async_save) as mgr:
+        mgr.save(1, {"frozen": frozen, "other": other})
+        mgr.save(2, {"frozen": frozen, "other": other})  # unchanged: shared
+        before = frozen.detach().clone()
+        change(frozen)
+        assert not torch.equal(frozen.detach(), before)
+        expected = frozen.detach().clone()
+        mgr.save(3, {"frozen": frozen, "other": other})
+    storage = open_storage(url)
+    assert "frozen" in _new_packs(storage, 3), f"seed {seed}: the changed tensor was not written again"
+    assert "frozen" not in _new_packs(storage, 2), f"seed {seed}: the unchanged tensor was written again"
+    target = {"frozen": torch.zeros(64, 64), "other": torch.zeros(64, 64)}
+    autockpt.CheckpointManager(url).restore(target)
+    assert torch.equal(target["frozen"], expected), f"seed {seed}: restore did not return the new bytes"
+    assert torch.equal(target["other"], other), f"seed {seed}"
+
+
+def test_an_async_save_does_not_stage_tensors_whose_bytes_are_stored(tmp_path: Path, seed: int) -> None:
+    """Async + dedup: an unchanged host tensor is hashed at save() and referred to, not copied into a staging
+    buffer; changing it right after save() returns does not change what that save stored."""
+    torch.manual_seed(seed)
+    frozen, head = torch.randn(128, 128), torch.randn(8)
+    url = str(tmp_path / "run")
+    with autockpt.CheckpointManager(url, dedup=True, async_save=True) as mgr:
+        mgr.save(1, {"frozen": frozen, "head": head})
+        head.add_(1.0)
+        mgr.save(2, {"frozen": frozen, "head": head})
+        saved_frozen, saved_head = frozen.clone(), head.clone()
+        frozen.add_(1.0)  # right after save() returned: the checkpoint of step 2 keeps the old bytes
+        head.add_(1.0)
+        mgr.wait_until_finished()
+        assert "frozen" not in mgr._background._buffers, f"seed {seed}: the unchanged tensor was staged"
+        assert "head" in mgr._background._buffers, f"seed {seed}"
+    storage = open_storage(url)
+    assert set(_new_packs(storage, 2)) == {"head"}, f"seed {seed}"
+    target = {"frozen": torch.zeros(128, 128), "head": torch.zeros(8)}
+    assert autockpt.CheckpointManager(url).restore(target) == 2
+    assert torch.equal(target["frozen"], saved_frozen) and torch.equal(target["head"], saved_head), f"seed {seed}"

@@ -39,7 +39,7 @@ from autockpt.format import (
 )
 from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions, check_directory
-from autockpt.payload import StoredContent, write_deduplicated
+from autockpt.payload import StoredContent, shared_content, write_deduplicated
 from autockpt.per_rank import PerRank
 from autockpt.progress import ProgressReporter
 from autockpt.reader import (
@@ -369,11 +369,14 @@ class CheckpointManager:
         entries = self._coord.prepare(encoder.tensors) + mine.tensors
         run_start = self._run_start(committed)
         if self.async_save:
-            entries = self._background.snapshot(entries)
+            # deduplicated: host tensors whose bytes a kept checkpoint holds are hashed now, not copied
+            hashed = shared_content(entries, self._known_content(set(committed)), frozenset(self._changing)) \
+                if self.dedup and self._hashes else {}
+            entries = self._background.snapshot(entries, skip=hashed)
             before = set(committed)
             self._background.start(
                 step,
-                lambda: self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, before),
+                lambda: self._write(step, tree, entries, clean_metrics, clean_metadata, run_start, before, hashed),
                 on_failure=self._count_background_failure,
             )
         else:
@@ -431,12 +434,12 @@ class CheckpointManager:
 
     def _write_deduplicated(
         self, step: int, entries: list[TensorEntry], make_manifest: Any, committed: set[int],
-        on_bytes: Any,
+        on_bytes: Any, hashed: dict[str, str],
     ) -> tuple[dict[str, Any], int]:
         known = self._known_content(committed)
         with self.storage.writer(step) as w:
             blobs, tensors, written, hashes = write_deduplicated(
-                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing))
+                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing), hashed)
             manifest = make_manifest({}, tensors, blobs)
             w.commit(dump_manifest(manifest))
         # tensors that changed since the previous save are written without hashing first at the next one
@@ -483,8 +486,10 @@ class CheckpointManager:
         metadata: dict[str, Any],
         run_start: float,
         committed: set[int],
+        hashed: dict[str, str] | None = None,
     ) -> None:
-        """Write and commit one checkpoint, then prune; ``committed`` is what was on storage before it."""
+        """Write and commit one checkpoint, then prune; ``committed`` is what was on storage before it.
+        ``hashed``: tensors an async save left out of its snapshot, by content hash (see ``shared_content``)."""
         t0 = time.perf_counter()
         total = sum(e.nbytes for e in entries)
         try:
@@ -495,7 +500,8 @@ class CheckpointManager:
 
                 on_bytes = bar.update if bar.active else None
                 if self.dedup:
-                    manifest, written = self._write_deduplicated(step, entries, make, committed, on_bytes)
+                    manifest, written = self._write_deduplicated(step, entries, make, committed, on_bytes,
+                                                                  hashed or {})
                 else:
                     manifest = self._coord.write(self.storage, step, entries, self.shard_bytes, make,
                                                  on_bytes=on_bytes)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, tensor_bytes, write_safetensors
+from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, is_torch_tensor, tensor_bytes, write_safetensors
 from autockpt.storage import BlobStore, CheckpointWriter, step_dirname
 
 _HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -44,6 +44,40 @@ def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEnt
         groups[i].append(e)
         loads[i] += e.nbytes
     return groups
+
+
+def content_hashes(datas: Mapping[str, memoryview]) -> dict[str, str]:
+    """The xxh3-128 (hex) of each tensor's bytes (name -> bytes), several at a time for large states."""
+    names, todo = list(datas), list(datas.values())
+    if sum(len(d) for d in todo) >= 2**24 and _HASH_THREADS > 1 and len(todo) > 1:  # xxhash releases the GIL
+        with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(todo)), thread_name_prefix="autockpt-hash") \
+                as pool:
+            return dict(zip(names, pool.map(xxhash.xxh3_128_hexdigest, todo), strict=True))
+    return {n: xxhash.xxh3_128_hexdigest(d) for n, d in zip(names, todo, strict=True)}
+
+
+def shared_content(entries: list[TensorEntry], known: Mapping[str, StoredContent],
+                   changing: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Of the host-memory tensors (not in ``changing``), those whose bytes already lie in a pack: name ->
+    content hash, hashed now from the tensors' own memory.
+
+    An async save calls it before its snapshot: these tensors need no staging copy (their bytes are read once,
+    to hash them, instead of copied and hashed later), and ``write_deduplicated(hashed=...)`` refers to the
+    pack. Only the bytes decide; device tensors are left to the snapshot (hashing them needs a host copy).
+    """
+    if not known:
+        return {}
+    datas = {}
+    for e in entries:
+        if e.name in changing or e.framework == "numpy_scalar":
+            continue
+        host = is_torch_tensor(e.value) and e.value.device.type == "cpu" or isinstance(e.value, np.ndarray)
+        if host:
+            datas[e.name] = tensor_bytes(e.value)
+            if len(datas[e.name]) != e.nbytes:
+                raise ValueError(f"tensor {e.name!r} has {len(datas[e.name])} bytes, expected {e.nbytes}")
+    return {n: d for n, d in content_hashes(datas).items()
+            if d in known and known[d].offsets[1] - known[d].offsets[0] == len(datas[n])}
 
 
 def write_payload(
@@ -85,6 +119,7 @@ def write_deduplicated(
     shard_bytes: int,
     on_bytes: Callable[[int], None] | None = None,
     changing: frozenset[str] = frozenset(),
+    hashed: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int, dict[str, str]]:
     """Write only the tensors whose content (xxh3-128) is not in ``known``, into new packs; returns the manifest's
     (blobs, tensors) parts, the bytes written and each tensor's content hash (name -> hex).
@@ -95,19 +130,21 @@ def write_deduplicated(
     of ``changing`` that turns out not to have changed is written anyway (and referred to where it was written).
     Equal tensors hashed before writing are written once per save. Pack tensors keep the name they had in the
     save that wrote them; the manifest finds them by byte offsets and checks them by hash.
+
+    ``hashed`` (name -> content hash) names tensors hashed earlier, from their own memory, whose content is in
+    ``known`` (an async save's snapshot leaves them out: see ``shared_content``); their values are not read.
     """
-    datas = {e.name: tensor_bytes(e.value) for e in entries}
+    hashed = hashed or {}
+    for name, digest in hashed.items():  # hashed before the snapshot: their bytes must still lie in a pack
+        if digest not in known:
+            raise FileNotFoundError(f"the pack holding the bytes of tensor {name!r} went missing during the save")
+    datas = {e.name: tensor_bytes(e.value) for e in entries if e.name not in hashed}
     for e in entries:
-        if len(datas[e.name]) != e.nbytes:
+        if e.name in datas and len(datas[e.name]) != e.nbytes:
             raise ValueError(f"tensor {e.name!r} has {len(datas[e.name])} bytes, expected {e.nbytes}")
-    direct = [e for e in entries if not known or e.name in changing]
-    decide = [e for e in entries if known and e.name not in changing]
-    todo = [datas[e.name] for e in decide]
-    if sum(len(d) for d in todo) >= 2**24 and _HASH_THREADS > 1:  # xxhash releases the GIL: hash in parallel
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="autockpt-hash") as pool:
-            hashes = dict(zip([e.name for e in decide], pool.map(xxhash.xxh3_128_hexdigest, todo), strict=True))
-    else:
-        hashes = {e.name: xxhash.xxh3_128_hexdigest(d) for e, d in zip(decide, todo, strict=True)}
+    direct = [e for e in entries if e.name not in hashed and (not known or e.name in changing)]
+    decide = [e for e in entries if e.name not in hashed and known and e.name not in changing]
+    hashes = {**content_hashes({e.name: datas[e.name] for e in decide}), **hashed}
     # the host bytes hashed are the bytes written (no second device copy, no change in between)
     to_write = [TensorEntry(e.name, np.frombuffer(datas[e.name], dtype=np.uint8), "numpy", e.dtype, e.shape)
                 for e in direct]

@@ -240,8 +240,10 @@ def open_checkpoint(storage: Storage, step: int, manifest: dict[str, Any] | None
 
 
 def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, where: str) -> None:
-    """Open the shared packs a deduplicated checkpoint refers to and verify every referenced byte range."""
+    """Open the shared packs a deduplicated checkpoint refers to (once each) and verify every referenced byte
+    range: all packs' ranges are hashed by one pool, largest first, several at a time (xxhash releases the GIL)."""
     blobs = BlobStore(storage)
+    checks: dict[tuple[str, str, int, int], str] = {}  # (pack, content hash, begin, end) -> a tensor there
     for pname, info in manifest.get("blobs", {}).items():
         f = blobs.open(pname, info["size"])
         key = f"{BLOBS_DIR}/{pname}"
@@ -249,7 +251,6 @@ def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, wh
         start, header = parse_safetensors_header(f.read, info["size"], f"{storage.url}/{key}")
         ckpt.files[key] = (f, start)
         spans = {tuple(h["data_offsets"]) for h in header.values()}  # pack tensors, found by where they lie
-        checks: dict[tuple[str, int, int], str] = {}
         for n, t in manifest["tensors"].items():
             if t.get("blob") != pname:
                 continue
@@ -263,14 +264,24 @@ def _open_packs(storage: Storage, manifest: dict[str, Any], ckpt: Checkpoint, wh
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} is not where the manifest says in pack {pname}")
             if t.get("framework", "numpy") not in ("torch", "numpy", "numpy_scalar"):
                 raise CorruptCheckpointError(f"{where}: tensor {n!r} has an unknown framework")
-            checks.setdefault((digest, b, e), n)
-        # every referenced range is hashed once, several at a time (xxhash releases the GIL)
-        keys = list(checks)
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="autockpt-verify") as pool:
-            got = list(pool.map(lambda k, f=f, start=start: f.content_hash(start + k[1], k[2] - k[1]), keys))
-        for ref, actual in zip(keys, got, strict=True):
-            if actual != ref[0]:
-                raise CorruptCheckpointError(f"{where}: tensor {checks[ref]!r} does not match its hash in pack {pname}")
+            checks.setdefault((pname, digest, b, e), n)
+    if not checks:
+        return
+    keys = sorted(checks, key=lambda k: k[2] - k[3])  # largest first: the threads finish together
+
+    def content_hash(k: tuple[str, str, int, int]) -> str:
+        f, start = ckpt.files[f"{BLOBS_DIR}/{k[0]}"]
+        return f.content_hash(start + k[2], k[3] - k[2])
+
+    if len(keys) == 1:
+        got = [content_hash(keys[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(keys)), thread_name_prefix="autockpt-verify") \
+                as pool:
+            got = list(pool.map(content_hash, keys))
+    for ref, actual in zip(keys, got, strict=True):
+        if actual != ref[1]:
+            raise CorruptCheckpointError(f"{where}: tensor {checks[ref]!r} does not match its hash in pack {ref[0]}")
 
 
 def newest_that_verifies(

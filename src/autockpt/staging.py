@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -43,9 +43,19 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def snapshot(self, entries: list[TensorEntry]) -> list[TensorEntry]:
-        """The entries with their values copied to host staging buffers (the training may change them now)."""
-        staged = [replace(e, value=self._stage(e)) for e in entries]
+    def snapshot(self, entries: list[TensorEntry], skip: Collection[str] = ()) -> list[TensorEntry]:
+        """The entries with their values copied to host staging buffers (the training may change them now).
+
+        Entries named in ``skip`` (their bytes are already stored: a deduplicated save hashed them) are not
+        copied: their value becomes None, and their staging buffer is freed.
+        """
+        staged = []
+        for e in entries:
+            if e.name in skip:
+                self._buffers.pop(e.name, None)
+                staged.append(replace(e, value=None))
+            else:
+                staged.append(replace(e, value=self._stage(e)))
         _sync_devices()
         return staged
 
