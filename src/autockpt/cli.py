@@ -526,6 +526,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     storage = _open_storage(args)
     policy = _policy(args)
+    if args.dry_run:
+        return _prune(storage, policy, args)
+    lease = WriterLease(storage)
+    lease.acquire()  # deletes only as the directory's one writer: beside a running job, LeaseError names it
+    try:
+        return _prune(storage, policy, args)
+    finally:
+        lease.release()
+
+
+def _prune(storage: Storage, policy: RetentionPolicy, args: argparse.Namespace) -> int:
     steps = sorted(storage.scan().committed)
     infos, manifests = _infos(storage, steps)
     reasons = policy.reasons(infos)
@@ -544,13 +555,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{verb} {deleted} of {len(steps)} checkpoint(s)" + (" (dry run: nothing was deleted)" if args.dry_run
                                                               else ""))
     if not args.dry_run:
-        lease = WriterLease(storage)
-        if lease.live_other(lease.read()):
-            print("shared packs are collected by the running writer after its next save")
-        else:
-            freed = collect(storage)
-            if freed:
-                print(f"collected {format_bytes(freed)} of shared packs no checkpoint refers to")
+        freed = collect(storage)
+        if freed:
+            print(f"collected {format_bytes(freed)} of shared packs no checkpoint refers to")
     return EXIT_OK
 
 
@@ -710,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", parents=[common], help="check sizes and checksums (exit 0 only if all verify)",
                        description="Read a checkpoint (default: the newest committed one; --step N; --all for every "
-                                   "one) and check its manifest, every file's size and xxh3-64 checksum, and that "
+                                   "one) and check its manifest, every file's size and checksum (xxh3-64 per file, "
+                                   "xxh3-128 per tensor in shared packs), and that "
                                    "the safetensors headers agree with the manifest. Prints one line per checkpoint. "
                                    "Exit status: 0 if all verify, 1 if one does not, 2 for a bad argument or a "
                                    "missing directory or step.")
@@ -723,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", parents=[common, retention], help="apply a retention policy offline",
                        description="Delete the committed checkpoints a retention policy would not keep. "
                                    "Checkpoints whose manifest does not read, leftovers of interrupted saves and "
-                                   "anything autockpt did not write are left alone. Do not run it beside a job "
-                                   "that saves into the same directory with a different policy.")
+                                   "anything autockpt did not write are left alone. It takes the directory's writer "
+                                   "lease: beside a running job that saves there it refuses (exit 2) and names the "
+                                   "job.")
     s.add_argument("url")
     s.add_argument("--max-to-keep", type=_positive_int, required=True, metavar="K", help="keep the K newest")
     s.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
