@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, tensor_bytes, write_safetensors
@@ -108,17 +107,15 @@ def write_deduplicated(
             hashes = dict(zip([e.name for e in decide], pool.map(xxhash.xxh3_128_hexdigest, todo), strict=True))
     else:
         hashes = {e.name: xxhash.xxh3_128_hexdigest(d) for e, d in zip(decide, todo, strict=True)}
-    # the host bytes hashed are the bytes written (no second device copy, no change in between)
-    to_write = [TensorEntry(e.name, np.frombuffer(datas[e.name], dtype=np.uint8), "numpy", e.dtype, e.shape)
-                for e in direct]
+    # the host bytes hashed are the bytes written (``datas``: no second device copy, no change in between)
+    to_write = list(direct)
     first_of: dict[str, str] = {}  # content hash -> the tensor of this save that writes it
     for e in decide:
         digest = hashes[e.name]
         stored = known.get(digest)
         if (stored is None or stored.offsets[1] - stored.offsets[0] != e.nbytes) and digest not in first_of:
             first_of[digest] = e.name
-            to_write.append(TensorEntry(e.name, np.frombuffer(datas[e.name], dtype=np.uint8), "numpy", e.dtype,
-                                        e.shape))
+            to_write.append(e)
     placed: dict[str, StoredContent] = {}  # tensor name -> where this save wrote it
     written = 0
     if to_write:
@@ -129,7 +126,7 @@ def write_deduplicated(
 
         def write_one(i: int) -> tuple[int, str, dict[str, list[int]]]:
             return blobs.write(names[i], lambda f: write_safetensors(f, groups[i], on_bytes, checksum=False,
-                                                                     content_hashes=inline[i]))
+                                                                     content_hashes=inline[i], datas=datas))
 
         if len(groups) == 1:
             results = [write_one(0)]

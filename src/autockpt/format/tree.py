@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +51,11 @@ class TreeEncoder:
     def __init__(self) -> None:
         self.tensors: list[TensorEntry] = []
         self._names: set[str] = set()
+        torch = sys.modules.get("torch")
+        self._torch_tensor: Any = torch.Tensor if torch is not None else ()
 
     def _tensor_name(self, path: tuple[Any, ...]) -> str:
-        base = "/".join(str(p) for p in path) or "tensor"
+        base = "/".join(map(str, path)) or "tensor"
         name, n = base, 1
         while name in self._names:
             n += 1
@@ -61,6 +64,14 @@ class TreeEncoder:
         return name
 
     def encode(self, value: Any, path: tuple[Any, ...] = ()) -> Any:
+        if isinstance(value, self._torch_tensor):  # the common case first: one isinstance per tensor
+            try:
+                code = tensor_dtype_code(value)
+            except UnsupportedValueError as e:
+                raise UnsupportedValueError(f"{e} (at key path {_path_str(path)!r})") from None
+            entry = TensorEntry(self._tensor_name(path), value, "torch", code, list(value.shape))
+            self.tensors.append(entry)
+            return {"type": "tensor", "name": entry.name}
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int) and not isinstance(value, np.generic):
