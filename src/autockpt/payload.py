@@ -18,6 +18,7 @@ from typing import Any
 import xxhash
 
 from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, tensor_bytes, write_safetensors
+from autockpt.format.tree import paused_gc
 from autockpt.storage import BlobStore, CheckpointWriter, step_dirname
 
 _HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -45,6 +46,7 @@ def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEnt
     return groups
 
 
+@paused_gc()
 def write_payload(
     writer: CheckpointWriter,
     entries: list[TensorEntry],
@@ -76,6 +78,7 @@ def write_payload(
     return files, tensors
 
 
+@paused_gc()
 def write_deduplicated(
     blobs: BlobStore,
     step: int,
