@@ -104,11 +104,11 @@ def tensor_bytes(value: Any) -> memoryview:
         t = value.detach()
         if type(t) is torch.Tensor:  # the fast path: numpy() refuses what it cannot view (device, dtype, bits)
             try:
-                arr = t.numpy()
+                view = t.numpy()
             except (TypeError, RuntimeError):
-                arr = None
-            if arr is not None and arr.ndim and arr.size and arr.flags.c_contiguous:
-                return memoryview(arr).cast("B")
+                view = None
+            if view is not None and view.ndim and view.size and view.flags.c_contiguous:
+                return memoryview(view).cast("B")
         if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided and not t.is_quantized \
                 and not t.is_conj() and not t.is_neg():
             if str(t.dtype) in _NUMPY_VIEWABLE and t.numel():  # the fast path: no torch calls beyond numpy()
