@@ -392,7 +392,11 @@ def bench_s3(state: dict[str, torch.Tensor], work: Path, repeats: int) -> tuple[
 
 
 def chart(sections: dict[str, dict[str, float]], baselines: dict[str, str], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
