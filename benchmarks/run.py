@@ -237,7 +237,7 @@ def bench_restore(n: int, numel: int, work: Path, repeats: int) -> tuple[dict[st
 
 
 # ------------------------------------------------------------------------------------------ 4. end to end
-def bench_end_to_end(work: Path, steps: int, every: int, width: int) -> dict[str, float]:
+def bench_end_to_end(work: Path, steps: int, every: int, width: int, rounds: int = 2) -> dict[str, float]:
     torch.manual_seed(0)
     layers = [torch.nn.Linear(width, width) for _ in range(4)]
     model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())])
@@ -255,7 +255,7 @@ def bench_end_to_end(work: Path, steps: int, every: int, width: int) -> dict[str
         return time.perf_counter() - t
 
     results: dict[str, list[float]] = {}
-    for rnd in range(2):
+    for rnd in range(rounds):
         results.setdefault("no checkpoints", []).append(loop(None))
         for kind in ("async", "sync"):
             d = work / f"e2e_{kind}{rnd}"
@@ -276,8 +276,10 @@ def bench_end_to_end(work: Path, steps: int, every: int, width: int) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------ 6. frameworks
-def bench_frameworks(work: Path, steps: int, every: int, width: int) -> dict[str, float]:
-    """The same ~50M-parameter MLP trained by Lightning and by Keras: no checkpoints, the built-in, ours."""
+def bench_frameworks(work: Path, steps: int, every: int, width: int, rounds: int = 3,
+                     frameworks: tuple[str, ...] = ("lightning", "keras")) -> dict[str, float]:
+    """The same ~50M-parameter MLP trained by Lightning and by Keras: no checkpoints, the built-in, ours (sync, and
+    async where the callback offers it); ``rounds`` alternating rounds, the median of each."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
     import lightning.pytorch as pl
@@ -324,17 +326,21 @@ def bench_frameworks(work: Path, steps: int, every: int, width: int) -> dict[str
                                                              for _ in range(4)])
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
         cbs: list[Any] = {"none": [], "BackupAndRestore": [keras.callbacks.BackupAndRestore(str(d), save_freq=every)],
-                          "autockpt": [KerasAuto(str(d), save_freq=every, max_to_keep=2)]}[kind]
+                          "autockpt": [KerasAuto(str(d), save_freq=every, max_to_keep=2)],
+                          "autockpt async": [KerasAuto(str(d), save_freq=every, max_to_keep=2, async_save=True)],
+                          }[kind]
         t = timed(lambda: model.fit(xs, xs, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=cbs))
         shutil.rmtree(d, ignore_errors=True)
         return t
 
-    out: dict[str, float] = {}
-    for kind in ("none", "ModelCheckpoint", "autockpt"):
-        out[f"Lightning, {kind}"] = lightning_fit(kind)
-    for kind in ("none", "BackupAndRestore", "autockpt"):
-        out[f"Keras, {kind}"] = keras_fit(kind)
-    return out
+    contenders: dict[str, Callable[[], float]] = {}
+    if "lightning" in frameworks:
+        for kind in ("none", "ModelCheckpoint", "autockpt"):
+            contenders[f"Lightning, {kind}"] = lambda kind=kind: lightning_fit(kind)
+    if "keras" in frameworks:
+        for kind in ("none", "BackupAndRestore", "autockpt", "autockpt async"):
+            contenders[f"Keras, {kind}"] = lambda kind=kind: keras_fit(kind)
+    return alternate(contenders, rounds)
 
 
 # ------------------------------------------------------------------------------------------ 5. S3
@@ -386,7 +392,11 @@ def bench_s3(state: dict[str, torch.Tensor], work: Path, repeats: int) -> tuple[
 
 
 def chart(sections: dict[str, dict[str, float]], baselines: dict[str, str], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -414,6 +424,8 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=60)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir on the same disk)")
     ap.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run, e.g. 3,4")
+    ap.add_argument("--frameworks", default="lightning,keras", help="section 6: lightning, keras or both")
+    ap.add_argument("--e2e-rounds", type=int, default=2, help="section 4: alternating rounds (medians)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="autockpt-bench-", dir=str(HERE)))
@@ -457,8 +469,8 @@ def main() -> None:
             print(md[-1], flush=True)
         if "4" in want:
             t = (f"4. end to end, {args.e2e_steps} Adam steps of a 4x Linear({args.e2e_width}) model, "
-                 "checkpoint every 20")
-            sections[t] = bench_end_to_end(work, args.e2e_steps, 20, args.e2e_width)
+                 f"checkpoint every 20, {args.e2e_rounds} rounds")
+            sections[t] = bench_end_to_end(work, args.e2e_steps, 20, args.e2e_width, args.e2e_rounds)
             baselines[t] = "no checkpoints"
             md.append(table(t, sections[t], baselines[t]))
             print(md[-1], flush=True)
@@ -472,10 +484,14 @@ def main() -> None:
             print(md[-1], flush=True)
         if "6" in want:
             t = (f"6. frameworks, {args.e2e_steps} steps of a 4x Linear({args.e2e_width}) MLP + Adam, "
-                 "checkpoint every 20")
-            sections[t] = bench_frameworks(work, args.e2e_steps, 20, args.e2e_width)
-            baselines[t] = "Lightning, none"
-            md.append(table(t, sections[t], baselines[t]))
+                 f"checkpoint every 20, {args.repeats} rounds")
+            frameworks = tuple(args.frameworks.split(","))
+            sections[t] = bench_frameworks(work, args.e2e_steps, 20, args.e2e_width, args.repeats, frameworks)
+            baselines[t] = "Lightning, none" if "lightning" in frameworks else "Keras, none"
+            base_of = {k: k.split(",")[0] + ", none" for k in sections[t]}
+            over = {k: f"{100 * (v / sections[t][base_of[k]] - 1):+.1f} % vs {base_of[k]}"
+                    for k, v in sections[t].items()}
+            md.append(table(t, sections[t], baselines[t], extra=over))
             print(md[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -36,6 +36,7 @@ from autockpt.format import (
     dump_manifest,
     json_plain,
     new_manifest,
+    paused_gc,
 )
 from autockpt.lease import WriterLease
 from autockpt.options import ManagerOptions, check_directory
@@ -342,9 +343,10 @@ class CheckpointManager:
         except SaveError as e:  # the previous background save failed (and was counted when it did)
             self._failed(e, counted=True)
         encoder, mine = TreeEncoder(), TreeEncoder()  # mine: this rank's per-rank values, written by this rank
-        tree = {k: None if isinstance(v, PerRank) else encoder.encode(v, (k,)) for k, v in state.items()}
-        own = {k: mine.encode(v.value, (k, f"rank-{self._coord.rank:05d}"))  # bad values raise before any write
-               for k, v in state.items() if isinstance(v, PerRank)}
+        with paused_gc():  # a state of 20,000 tensors: the collector's passes would cost as much as the bytes
+            tree = {k: None if isinstance(v, PerRank) else encoder.encode(v, (k,)) for k, v in state.items()}
+            own = {k: mine.encode(v.value, (k, f"rank-{self._coord.rank:05d}"))  # bad values raise before writing
+                   for k, v in state.items() if isinstance(v, PerRank)}
         if own:
             every = self._coord.gather(own)
             for k in own:

@@ -19,6 +19,7 @@ import numpy as np
 import xxhash
 
 from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, is_torch_tensor, tensor_bytes, write_safetensors
+from autockpt.format.tree import paused_gc
 from autockpt.storage import BlobStore, CheckpointWriter, step_dirname
 
 _HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -80,6 +81,7 @@ def shared_content(entries: list[TensorEntry], known: Mapping[str, StoredContent
             if d in known and known[d].offsets[1] - known[d].offsets[0] == len(datas[n])}
 
 
+@paused_gc()
 def write_payload(
     writer: CheckpointWriter,
     entries: list[TensorEntry],
@@ -111,6 +113,7 @@ def write_payload(
     return files, tensors
 
 
+@paused_gc()
 def write_deduplicated(
     blobs: BlobStore,
     step: int,
@@ -145,17 +148,15 @@ def write_deduplicated(
     direct = [e for e in entries if e.name not in hashed and (not known or e.name in changing)]
     decide = [e for e in entries if e.name not in hashed and known and e.name not in changing]
     hashes = {**content_hashes({e.name: datas[e.name] for e in decide}), **hashed}
-    # the host bytes hashed are the bytes written (no second device copy, no change in between)
-    to_write = [TensorEntry(e.name, np.frombuffer(datas[e.name], dtype=np.uint8), "numpy", e.dtype, e.shape)
-                for e in direct]
+    # the host bytes hashed are the bytes written (``datas``: no second device copy, no change in between)
+    to_write = list(direct)
     first_of: dict[str, str] = {}  # content hash -> the tensor of this save that writes it
     for e in decide:
         digest = hashes[e.name]
         stored = known.get(digest)
         if (stored is None or stored.offsets[1] - stored.offsets[0] != e.nbytes) and digest not in first_of:
             first_of[digest] = e.name
-            to_write.append(TensorEntry(e.name, np.frombuffer(datas[e.name], dtype=np.uint8), "numpy", e.dtype,
-                                        e.shape))
+            to_write.append(e)
     placed: dict[str, StoredContent] = {}  # tensor name -> where this save wrote it
     written = 0
     if to_write:
@@ -166,7 +167,7 @@ def write_deduplicated(
 
         def write_one(i: int) -> tuple[int, str, dict[str, list[int]]]:
             return blobs.write(names[i], lambda f: write_safetensors(f, groups[i], on_bytes, checksum=False,
-                                                                     content_hashes=inline[i]))
+                                                                     content_hashes=inline[i], datas=datas))
 
         if len(groups) == 1:
             results = [write_one(0)]

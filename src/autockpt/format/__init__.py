@@ -56,7 +56,7 @@ from autockpt.format.safetensors import (
     safetensors_header,
     write_safetensors,
 )
-from autockpt.format.tree import TensorEntry, TreeEncoder, decode_tree
+from autockpt.format.tree import TensorEntry, TreeEncoder, decode_tree, paused_gc
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, valid_file_name
 
 TENSORS_NAME = "tensors.safetensors"
@@ -87,6 +87,7 @@ _PREFIX = b'{"body": '
 _SUFFIX_LEN = len(', "body_xxh3_64": "0123456789abcdef"}\n')
 
 
+@paused_gc()
 def dump_manifest(body: dict[str, Any]) -> bytes:
     """Serialise a manifest: ``{"body": ..., "body_xxh3_64": ...}`` with the checksum over the body's bytes."""
     text = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
@@ -94,6 +95,7 @@ def dump_manifest(body: dict[str, Any]) -> bytes:
     return _PREFIX + text + f', "body_xxh3_64": "{digest}"}}\n'.encode()
 
 
+@paused_gc()
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and self-verify a manifest's bytes; raises CorruptCheckpointError."""
     if len(raw) > MAX_MANIFEST_BYTES:
@@ -177,6 +179,6 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "MAX_HEADER_BYTES", "MAX_MANIFEST_BYTES", "NP_TO_ST", "ST_DTYPES",
     "ST_TO_TORCH", "TENSORS_NAME", "TORCH_TO_ST", "TensorEntry", "TensorMeta", "TreeEncoder", "decode_tree",
     "dump_manifest", "is_stateful", "is_tensor", "is_torch_tensor", "json_plain", "library_versions", "new_manifest",
-    "parse_manifest", "parse_safetensors_header", "safetensors_header", "tensor_bytes", "tensor_dtype_code",
-    "tensor_shape", "valid_file_name", "write_safetensors",
+    "parse_manifest", "parse_safetensors_header", "paused_gc", "safetensors_header", "tensor_bytes",
+    "tensor_dtype_code", "tensor_shape", "valid_file_name", "write_safetensors",
 ]

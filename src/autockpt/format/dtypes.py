@@ -99,9 +99,16 @@ def tensor_shape(value: Any) -> list[int]:
 
 def tensor_bytes(value: Any) -> memoryview:
     """A flat, contiguous, host-memory byte view of a tensor (copies only when it must)."""
-    if is_torch_tensor(value):
-        torch = _torch()
+    torch = _torch()
+    if torch is not None and isinstance(value, torch.Tensor):
         t = value.detach()
+        if type(t) is torch.Tensor:  # the fast path: numpy() refuses what it cannot view (device, dtype, bits)
+            try:
+                view = t.numpy()
+            except (TypeError, RuntimeError):
+                view = None
+            if view is not None and view.ndim and view.size and view.flags.c_contiguous:
+                return memoryview(view).cast("B")
         if t.device.type == "cpu" and t.is_contiguous() and t.layout == torch.strided and not t.is_quantized \
                 and not t.is_conj() and not t.is_neg():
             if str(t.dtype) in _NUMPY_VIEWABLE and t.numel():  # the fast path: no torch calls beyond numpy()

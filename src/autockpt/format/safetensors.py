@@ -5,9 +5,11 @@ One job: the safetensors container. Imports ``autockpt.errors`` and ``autockpt.f
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import xxhash
@@ -44,54 +46,83 @@ def safetensors_header(entries: list[TensorEntry]) -> tuple[bytes, dict[str, lis
 
 def write_safetensors(
     f: BinaryIO, entries: list[TensorEntry], on_bytes: Callable[[int], None] | None = None, checksum: bool = True,
-    content_hashes: dict[str, str] | None = None,
+    content_hashes: dict[str, str] | None = None, datas: Mapping[str, memoryview] | None = None,
 ) -> tuple[int, str, dict[str, list[int]]]:
     """Stream ``entries`` into ``f`` as a safetensors file; returns (size, xxh3-64 hex, offsets).
 
     ``on_bytes(n)`` is told of every chunk written (for progress reporting). ``checksum=False`` (a pack, whose
     tensors are hashed one by one) skips the file checksum and returns "" for it. ``content_hashes``, if given,
-    is filled with each tensor's xxh3-128 (name -> hex), computed from the very bytes written."""
+    is filled with each tensor's xxh3-128 (name -> hex), computed from the very bytes written. ``datas`` (name ->
+    bytes) supplies the bytes of tensors already viewed, so that what was hashed before is what is written.
+    Small tensors are gathered into few large writes (``os.writev`` of their views on a real file: no copy)."""
     header, offsets = safetensors_header(entries)
     h: Any = xxhash.xxh3_64() if checksum else _NoHash()
-    pending = bytearray(header)  # small tensors are gathered into few large writes
-    size = 0
-
-    def flush() -> None:
-        nonlocal size
-        if pending:
-            f.write(pending)
-            h.update(pending)
-            size += len(pending)
-            if on_bytes is not None:
-                on_bytes(len(pending))
-            pending.clear()
-
+    sink = _Gather(f, h, on_bytes)
+    sink.add(memoryview(header))
     for entry in sorted(entries, key=lambda e: offsets[e.name][0]):
-        data = tensor_bytes(entry.value)
+        data = datas[entry.name] if datas is not None else tensor_bytes(entry.value)
         if len(data) != entry.nbytes:
             raise UnsupportedValueError(f"tensor {entry.name!r} changed shape while it was being saved")
-        th: Any = xxhash.xxh3_128() if content_hashes is not None else _NoHash()
         if len(data) < _SMALL:
-            th.update(data)
             if content_hashes is not None:
-                content_hashes[entry.name] = th.hexdigest()
-            pending += data
-            if len(pending) >= _BATCH:
-                flush()
+                content_hashes[entry.name] = xxhash.xxh3_128_hexdigest(data)
+            sink.add(data)
             continue
-        flush()
+        sink.flush()
+        th: Any = xxhash.xxh3_128() if content_hashes is not None else _NoHash()
         for i in range(0, len(data), _CHUNK):
             chunk = data[i : i + _CHUNK]
-            f.write(chunk)
-            h.update(chunk)
+            sink.write([chunk])
             th.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-        size += len(data)
         if content_hashes is not None:
             content_hashes[entry.name] = th.hexdigest()
-    flush()
-    return size, h.hexdigest(), offsets
+    sink.flush()
+    return sink.size, h.hexdigest(), offsets
+
+
+_IOV_MAX = 1024  # the fewest buffers one writev() may take on any POSIX system
+
+
+class _Gather:
+    """Writes buffers to ``f`` in batches of about ``_BATCH`` bytes, hashing them in order."""
+
+    def __init__(self, f: BinaryIO, h: Any, on_bytes: Callable[[int], None] | None) -> None:
+        self.f, self.h, self.on_bytes = f, h, on_bytes
+        self.size = 0
+        self.pending: list[memoryview] = []
+        self.pending_bytes = 0
+        try:  # a real file (not an object store's buffer): write the views with writev, no copy
+            self.fd: int | None = f.fileno() if isinstance(f, io.BufferedWriter) else None
+        except (OSError, ValueError):
+            self.fd = None
+
+    def add(self, data: memoryview) -> None:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= _BATCH or len(self.pending) >= _IOV_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.write(self.pending)
+            self.pending, self.pending_bytes = [], 0
+
+    def write(self, bufs: list[memoryview]) -> None:
+        n = sum(len(b) for b in bufs)
+        if self.fd is None:
+            self.f.write(bufs[0] if len(bufs) == 1 else b"".join(bufs))
+        else:
+            self.f.flush()  # nothing buffered may follow these bytes
+            done = os.writev(self.fd, bufs)
+            if done < n:  # a short write (rare on a regular file): write the rest
+                rest = memoryview(b"".join(bufs))[done:]
+                while rest:
+                    rest = rest[os.write(self.fd, rest):]
+        for b in bufs:
+            self.h.update(b)
+        self.size += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
 
 
 class _NoHash:
