@@ -706,7 +706,7 @@ def _gloo(n: int, out: Path, *args: str) -> list[dict]:
         procs.append(subprocess.Popen([sys.executable, str(DIST_LOADER), str(out), *args], env=env,
                                       stdout=open(out / f"log-{rank}.txt", "w"), stderr=subprocess.STDOUT))
     try:
-        codes = [p.wait(timeout=150) for p in procs]
+        codes = [p.wait(timeout=400) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
