@@ -285,7 +285,7 @@ def test_sigkill_during_local_saves(tmp_path: Path) -> None:
 
 
 def test_sigkill_during_s3_saves_at_each_kind_of_request(s3_server: Any) -> None:
-    figures = crash_trials_s3(s3_server.endpoint, s3_server.new_bucket, 200 if FULL else 30, seed=2)
+    figures = crash_trials_s3(s3_server.endpoint, s3_server.new_bucket, 200 if FULL else 16, seed=2)
     _assert_no_damage(figures)
     kinds = " ".join(k for k in figures if k.startswith("SIGKILL at HTTP request"))
     for kind in ("payload PUT", "manifest PUT", "DELETE"):
