@@ -9,6 +9,7 @@ and raises its error. Imports ``autockpt.format``; torch only through ``sys.modu
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -17,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from autockpt.errors import SaveError
 from autockpt.format import TensorEntry, is_torch_tensor
 
 log = logging.getLogger("autockpt")
+_NICE = 19  # the background writer's nice value (Linux, per thread)
 
 
 class BackgroundSaver:
@@ -42,6 +45,8 @@ class BackgroundSaver:
         self._buffers: dict[str, Any] = {}  # tensor name -> host buffer, reused between saves
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._step, self._finished = -1, True  # the in-flight save's step; whether its write() returned (or none ran)
+        self._on_failure: Callable[[BaseException], None] = lambda e: None
 
     def snapshot(self, entries: list[TensorEntry]) -> list[TensorEntry]:
         """The entries with their values copied to host staging buffers (the training may change them now)."""
@@ -72,12 +77,17 @@ class BackgroundSaver:
         """Run ``write()`` in the background; a failure is logged, told to ``on_failure`` and kept for ``join``."""
         def run() -> None:
             try:
+                _lower_priority()
                 write()
+                self._finished = True
             except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
+                if not isinstance(e, Exception):  # the thread was made to die (SystemExit, KeyboardInterrupt, ...)
+                    e = self._died(repr(e))
                 log.error("autockpt: background save of step %d failed: %r", step, e)
                 on_failure(e)
                 self._error = e
 
+        self._step, self._finished, self._on_failure = step, False, on_failure
         self._thread = threading.Thread(target=run, name=f"autockpt-save-{step}", daemon=True)
         self._thread.start()
 
@@ -86,6 +96,16 @@ class BackgroundSaver:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            if not self._finished and self._error is None:  # it died where not even its handler ran
+                self._error = self._died("the thread ended without finishing")
+                self._on_failure(self._error)
+
+    def _died(self, how: str) -> SaveError:
+        return SaveError(
+            f"the background save of step {self._step} died before it committed ({how}): step {self._step} was "
+            "not saved; earlier checkpoints are intact and the partial files are removed at the next start. "
+            "Save again (the next save() writes a whole checkpoint)."
+        )
 
     def join(self) -> None:
         """Block until the in-flight write finished; raise its error if it failed."""
@@ -93,6 +113,16 @@ class BackgroundSaver:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (and the threads it starts) the lowest CPU priority, so that the training threads
+    run first and the write takes the CPU they leave (Linux: a thread id is a process id to setpriority)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        except OSError:  # not permitted here: the write runs at the training's priority
+            pass
 
 
 def _sync_devices() -> None:
