@@ -53,3 +53,26 @@ def test_writer_dying_is_reported_by_the_next_save(tmp_path: Path) -> None:
     with pytest.raises(SaveError, match=r"step 1.*SystemExit"):
         mgr.save(2, state)
     assert autockpt.CheckpointManager(tmp_path).all_steps() == []
+
+
+def test_staging_buffers_are_prepared_ahead_of_the_first_save(tmp_path: Path) -> None:
+    state = {"w": torch.arange(1000.0), "b": torch.ones(3, dtype=torch.bfloat16), "n": 5}
+    with autockpt.CheckpointManager(tmp_path, async_save=True, save_interval_steps=10) as mgr:
+        assert not mgr._background.staged
+        assert not mgr.save(1, state)  # not due: the staging buffers are allocated in the background
+        assert mgr._background.staged and mgr._background._preparing is not None
+        mgr._background._preparing.join()
+        prepared = {id(b) for b in mgr._background._buffers.values()}
+        assert len(prepared) == 2
+        state["w"] += 1
+        assert mgr.save(10, state)  # the first save copies into the prepared buffers, not new ones
+        assert {id(b) for b in mgr._background._buffers.values()} == prepared
+    loaded = autockpt.load(tmp_path)
+    assert torch.equal(loaded["w"], torch.arange(1000.0) + 1) and torch.equal(loaded["b"], state["b"])
+    target = {"w": torch.zeros(1000), "b": torch.zeros(3, dtype=torch.bfloat16), "n": 0}
+    with autockpt.CheckpointManager(tmp_path, async_save=True) as mgr:
+        assert mgr.restore(target) == 10  # a restore stages ahead too
+        assert mgr._background.staged
+        target["w"] += 1
+        assert mgr.save(11, target)
+    assert torch.equal(autockpt.load(tmp_path, step=11)["w"], torch.arange(1000.0) + 2)

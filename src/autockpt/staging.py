@@ -1,9 +1,10 @@
 """Asynchronous saves: a snapshot of the tensors in reused host buffers, written by one background thread.
 
 One job: ``async_save=True``'s mechanics, apart from the manager's decisions. ``snapshot`` copies each tensor
-into its host staging buffer (reused from the previous save while it still fits; pinned for CUDA sources) and
-waits for the device copies to land; ``start`` runs the write in a background thread; ``join`` waits for it
-and raises its error. Imports ``autockpt.format``; torch only through ``sys.modules``.
+into its host staging buffer (reused from the previous save while it still fits; pinned for CUDA sources;
+``prepare`` allocates them ahead of the first save, in the background) and waits for the device copies to
+land; ``start`` runs the write in a background thread at the lowest CPU priority (Linux); ``join`` waits for
+it and raises its error. Imports ``autockpt.format``; torch only through ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,47 @@ class BackgroundSaver:
     def __init__(self) -> None:
         self._buffers: dict[str, Any] = {}  # tensor name -> host buffer, reused between saves
         self._thread: threading.Thread | None = None
+        self._preparing: threading.Thread | None = None  # allocating staging buffers ahead of the first save
         self._error: BaseException | None = None
         self._step, self._finished = -1, True  # the in-flight save's step; whether its write() returned (or none ran)
         self._on_failure: Callable[[BaseException], None] = lambda e: None
 
+    @property
+    def staged(self) -> bool:
+        """Whether staging buffers exist or are being prepared."""
+        return bool(self._buffers) or self._preparing is not None
+
+    def prepare(self, entries: list[TensorEntry]) -> None:
+        """Allocate and touch the staging buffers for ``entries`` in a low-priority background thread, so that
+        the first ``snapshot`` copies into ready memory (no page faults, no pinning while training waits).
+
+        Does nothing once buffers exist or are being prepared; ``snapshot`` waits for it to finish."""
+        if self._buffers or self._preparing is not None:
+            return
+        specs = [(e.name, e.value) for e in entries]
+
+        def run() -> None:
+            _lower_priority()
+            made = {}
+            try:
+                for name, value in specs:
+                    buf = _new_buffer(value)
+                    if is_torch_tensor(buf):
+                        buf.zero_()  # touch every page now
+                    else:
+                        buf.fill(0)
+                    made[name] = buf
+            except Exception as e:  # e.g. out of memory: the first snapshot allocates what is missing
+                log.debug("autockpt: staging buffers ahead of the first save: %r", e)
+            self._buffers.update(made)
+
+        self._preparing = threading.Thread(target=run, name="autockpt-stage-ahead", daemon=True)
+        self._preparing.start()
+
     def snapshot(self, entries: list[TensorEntry]) -> list[TensorEntry]:
         """The entries with their values copied to host staging buffers (the training may change them now)."""
+        if self._preparing is not None:
+            self._preparing.join()
         staged = [replace(e, value=self._stage(e)) for e in entries]
         _sync_devices()
         return staged
@@ -61,14 +97,12 @@ class BackgroundSaver:
         if is_torch_tensor(value):
             value = value.detach()
             if not (is_torch_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype):
-                torch = sys.modules["torch"]
-                pin = value.device.type == "cuda"
-                buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
+                buf = _new_buffer(value)
             buf.copy_(value, non_blocking=value.device.type == "cuda")
         else:
             value = np.asarray(value)
             if not (isinstance(buf, np.ndarray) and buf.shape == value.shape and buf.dtype == value.dtype):
-                buf = np.empty_like(value, order="C")
+                buf = _new_buffer(value)
             np.copyto(buf, value)
         self._buffers[entry.name] = buf
         return buf
@@ -113,6 +147,14 @@ class BackgroundSaver:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+
+def _new_buffer(value: Any) -> Any:
+    """An empty host buffer shaped like ``value`` (a torch tensor: pinned for a CUDA source; else numpy)."""
+    if is_torch_tensor(value):
+        torch = sys.modules["torch"]
+        return torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.device.type == "cuda")
+    return np.empty_like(np.asarray(value), order="C")
 
 
 def _lower_priority() -> None:
