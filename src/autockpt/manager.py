@@ -21,6 +21,7 @@ from autockpt import fit, per_rank
 from autockpt.collect import collect
 from autockpt.coordination import coordinator_for
 from autockpt.errors import (
+    AutockptError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -335,6 +336,7 @@ class CheckpointManager:
         if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
             raise InvalidArgumentError("state must be a mapping with str keys, e.g. {'model': model}")
         if not self._coord.agree_to_save(step, force or self.should_save(step)):
+            self._stage_ahead(state)
             return False
         clean_metrics = self._clean_metrics(metrics)
         clean_metadata = json_plain(dict(metadata or {}), "metadata")
@@ -389,6 +391,20 @@ class CheckpointManager:
                 return False
         self._last_save_time = time.monotonic()
         return True
+
+    def _stage_ahead(self, state: Mapping[str, Any]) -> None:
+        """async_save: allocate the staging buffers for ``state`` in the background, once, so that the first
+        save's snapshot stalls no longer than the later ones (called by a restore and by a save that is not due)."""
+        if not self.async_save or self._background.staged:
+            return
+        encoder = TreeEncoder()
+        try:
+            for k, v in state.items():
+                if not isinstance(v, PerRank):
+                    encoder.encode(v, (k,))
+        except AutockptError:  # the save that is due raises it, with its message
+            return
+        self._background.prepare(self._coord.prepare(encoder.tensors))
 
     def _take_lease(self) -> LeaseError | StorageAccessError | SaveError | None:
         """Hold the writer lease (cleaning leftovers once it is ours); the problem, as an error, if that failed."""
@@ -703,6 +719,7 @@ class CheckpointManager:
             else:
                 state[key] = targets[key]
         self._per_rank_restored(s, state, saved_by)
+        self._stage_ahead(state)
         secs = time.perf_counter() - t0
         log.info("autockpt: restored step %d from %s: %.1f MB in %.2f s (%.0f MB/s)", s, self.directory,
                  size / 1e6, secs, size / 1e6 / max(secs, 1e-9))
