@@ -23,7 +23,7 @@ from typing import Any
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.reader import read_manifest
-from autockpt.storage import BLOBS_DIR, BlobStore, Storage, step_dirname
+from autockpt.storage import BLOBS_DIR, BlobStore, Storage, TieredStorage, step_dirname
 
 log = logging.getLogger("autockpt")
 
@@ -47,6 +47,8 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
     assert collect(open_storage("memory://collect_demo")) == 0  # the prune after step 2 collected already
     ```
     """
+    if isinstance(storage, TieredStorage):  # each tier from its own manifests; the remote's by the uploader
+        return collect(storage.local)
     blobs = BlobStore(storage)
     packs = blobs.packs()  # 1. before marking: a pack that appears later is not ours to judge
     leftovers = blobs.leftovers()

@@ -186,8 +186,7 @@ class CheckpointManager:
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
-        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory; so do
-        # saves to a storage that cannot hold shared packs (the tiers upload whole checkpoint directories).
+        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory.
         self.dedup = dedup and self._coord.world_size == 1 and self.storage.holds_shared_packs
         self._blobs = BlobStore(self.storage)
         self._hashes: dict[str, str] = {}  # tensor name -> content hash at the previous save (dedup)
@@ -271,10 +270,14 @@ class CheckpointManager:
     def _verify_once(self, step: int) -> None:
         """Sizes on every call; the full checksums only the first time this manager sees this checkpoint."""
         manifest = self._manifest(step)
-        check_sizes(self.storage, step, manifest)
-        if self._identity(manifest) not in self._verified:
-            open_checkpoint(self.storage, step, manifest).close()  # reads every byte once; raises if damaged
-            self._verified.add(self._identity(manifest))
+
+        def verify(copy: Storage) -> None:  # with local_dir: the local copy, else the remote one
+            check_sizes(copy, step, manifest)
+            if self._identity(manifest) not in self._verified:
+                open_checkpoint(copy, step, manifest).close()  # reads every byte once; raises if damaged
+                self._verified.add(self._identity(manifest))
+
+        self._from_a_copy(step, verify)
 
     @property
     def latest_step(self) -> int | None:
