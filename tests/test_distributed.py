@@ -261,3 +261,27 @@ def test_unshared_local_storage_is_detected_at_start(tmp_path: Path) -> None:
         assert r["error"] is not None and r["error"]["type"] == "InvalidArgumentError", r
         assert "not shared between the ranks: ranks [1]" in r["error"]["message"]
     assert not list((tmp_path / "ckpt" / "rank0").iterdir())  # rank 0 removed its probe file
+
+
+def test_sharded_dedup_each_rank_writes_only_its_changed_shards(tmp_path: Path) -> None:
+    """FSDP2 on 2 ranks, a frozen backbone and a trained head saved 3 times (dedup, the default): after the first
+    save neither rank writes its backbone shards again; the restore is exact."""
+    from autockpt.reader import read_manifest
+    from autockpt.storage import open_storage
+
+    ckpt = tmp_path / "ckpt"
+    res = run("dedup_shards", 2, tmp_path / "out", ckpt)
+    storage = open_storage(str(ckpt))
+    for step in (1, 2, 3):
+        m = read_manifest(storage, step)
+        assert m["files"] == {}, f"step {step}: deduplicated, no payload files of its own"
+        backbone = {n: t for n, t in m["tensors"].items() if n.startswith("backbone")}
+        shards = [t for t in backbone.values() if "shard_of" in t]
+        assert len({tuple(t["shard_offsets"]) for t in shards}) >= 2, "shards of both ranks are in the manifest"
+        for name, t in backbone.items():  # written by step 1's save, on whichever rank holds the shard
+            assert t["blob"].startswith("step_0000000001-"), f"step {step}: {name} was written again"
+        head = [t for n, t in m["tensors"].items() if n.startswith(("head", "opt")) and "shard_of" in t]
+        assert head and all(t["blob"].startswith(f"step_{step:010d}-") for t in head), f"step {step}: head shards"
+    for r in res:
+        assert r["restored"] == 3
+        assert r["full_after"] == r["full"] == res[0]["full"]

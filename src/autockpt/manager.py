@@ -33,7 +33,6 @@ from autockpt.format import (
     CONTENT_HASH,
     TensorEntry,
     TreeEncoder,
-    dump_manifest,
     json_plain,
     new_manifest,
 )
@@ -186,8 +185,8 @@ class CheckpointManager:
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
-        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory.
-        self.dedup = dedup and self._coord.world_size == 1 and self.storage.holds_shared_packs
+        # Under torch.distributed each rank deduplicates its own tensors (its shards) into packs of its own.
+        self.dedup = dedup and self.storage.holds_shared_packs
         self._blobs = BlobStore(self.storage)
         self._hashes: dict[str, str] = {}  # tensor name -> content hash at the previous save (dedup)
         self._changing: set[str] = set()  # tensors whose content changed at the previous save
@@ -426,12 +425,18 @@ class CheckpointManager:
         self, step: int, entries: list[TensorEntry], make_manifest: Any, committed: set[int],
         on_bytes: Any,
     ) -> tuple[dict[str, Any], int]:
-        known = self._known_content(committed)
-        with self.storage.writer(step) as w:
-            blobs, tensors, written, hashes = write_deduplicated(
-                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing))
-            manifest = make_manifest({}, tensors, blobs)
-            w.commit(dump_manifest(manifest))
+        out: dict[str, Any] = {"written": 0, "hashes": {}}
+
+        def write_mine(mine: list[TensorEntry]) -> tuple[dict[str, Any], dict[str, Any]]:
+            # on every rank, inside the save protocol: after the writer's collection that followed the last save
+            known = self._known_content(committed)
+            blobs, tensors, out["written"], out["hashes"] = write_deduplicated(
+                self._blobs, step, mine, known, self.shard_bytes, on_bytes, frozenset(self._changing))
+            return blobs, tensors
+
+        manifest = self._coord.write(self.storage, step, entries, self.shard_bytes, make_manifest, on_bytes,
+                                     dedup=write_mine)
+        written, hashes = int(out["written"]), dict(out["hashes"])
         # tensors that changed since the previous save are written without hashing first at the next one
         self._changing = {n for n, d in hashes.items() if n in self._hashes and self._hashes[n] != d}
         self._hashes = hashes
