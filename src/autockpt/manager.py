@@ -102,7 +102,8 @@ class CheckpointManager:
         dedup: a tensor whose bytes equal a tensor of a kept checkpoint is not written again (xxh3-128 content
             hash); new tensors go into pack files under ``DIR/blobs/``, shared by the checkpoints that refer to
             them, and packs no checkpoint refers to any more are collected after each prune. ``False`` writes
-            self-contained checkpoint directories. Sharded multi-process saves are always self-contained.
+            self-contained checkpoint directories. Under torch.distributed each rank deduplicates its own
+            shards; with ``local_dir`` packs are written locally and only those the remote lacks are uploaded.
 
     Only one process writes to a directory at a time: :meth:`acquire` (called by ``autockpt.resume`` and the
     callbacks when training starts, else by the first ``save()``) takes the writer lease, renewed by a
