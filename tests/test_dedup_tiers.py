@@ -103,7 +103,7 @@ def test_missing_local_pack_falls_back_to_the_remote_copy(s3_url: tuple[str, dic
         assert np.array_equal(target[k], v), f"{k} (seed {seed})"
 
 
-@pytest.mark.parametrize("kill_after", ["save", "first_pack"])
+@pytest.mark.parametrize("kill_after", ["first_pack"] + (["save"] if FULL else []))
 def test_kill_mid_upload_then_restart_loses_nothing_and_leaves_no_garbage(
         s3_url: tuple[str, dict[str, Any]], tmp_path: Path, seed: int, kill_after: str) -> None:
     url, opts = s3_url
