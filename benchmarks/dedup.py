@@ -13,6 +13,8 @@ Reported (the fastest of the runs, medians beside; self-contained = ``dedup=Fals
 - LoRA-style with ``async_save=True``: the time ``save()`` blocks the training (the snapshot), deduplicated /
   self-contained. Deduplicated, the unchanged host tensors are hashed instead of copied to staging buffers.
 - Restore of the newest checkpoint into the live objects: deduplicated / self-contained (both verify every byte).
+- Through the remote tier (``local_dir``; the remote is ``memory://``, bytes do not depend on the transport): bytes
+  uploaded per LoRA save, deduplicated / self-contained (the remote's new packs and payload files per save).
 """
 
 from __future__ import annotations
@@ -86,6 +88,28 @@ def restore_time(url: str, frozen: dict[str, torch.Tensor], trainable: dict[str,
     return min(times)
 
 
+def uploaded_per_save(local: Path, dedup: bool, frozen: dict[str, torch.Tensor],
+                      trainable: dict[str, torch.Tensor], saves: int) -> list[int]:
+    """Bytes that reached the remote tier per save after the first (new packs, and the step's payload files)."""
+    url = f"memory://bench-dedup-tiers-{dedup}-{time.monotonic_ns()}"
+    remote = open_storage(url)
+    seen: set[str] = set()
+    out = []
+    with autockpt.CheckpointManager(url, local_dir=local, max_to_keep=2, local_max_to_keep=1, dedup=dedup) as mgr:
+        for step in range(1, saves + 2):
+            for t in trainable.values():
+                t.add_(1e-3)
+            mgr.save(step, {**frozen, **trainable})
+            assert mgr.wait_until_finished(timeout=600)
+            m = read_manifest(remote, step)
+            packs = {n: b["size"] for n, b in m.get("blobs", {}).items()}
+            sent = sum(f["size"] for f in m["files"].values()) + sum(v for n, v in packs.items() if n not in seen)
+            seen |= set(packs)
+            if step > 1:
+                out.append(sent)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=256, help="state size in MiB")
@@ -143,6 +167,10 @@ def main() -> None:
                 (rd if url == dd else rs).append(restore_time(url, frozen, trainable, 3))
         print(f"restore: self-contained {min(rs) * 1e3:.0f} ms, deduplicated {min(rd) * 1e3:.0f} ms; ratio "
               f"{min(rd) / min(rs):.3f} (target <= 1.05; medians: {statistics.median(rd) / statistics.median(rs):.3f})")
+        up = {d: uploaded_per_save(base / f"tiers-{d}", d, frozen, trainable, args.saves) for d in (True, False)}
+        print(f"through the remote tier, bytes uploaded per LoRA save: self-contained "
+              f"{statistics.median(up[False]) / 2**20:.1f} MiB, deduplicated {statistics.median(up[True]) / 2**20:.2f}"
+              f" MiB; ratio {statistics.median(up[True]) / statistics.median(up[False]):.3f} (target <= 0.06)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

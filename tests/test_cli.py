@@ -141,7 +141,8 @@ def test_ls_uses_the_retention_policy_recorded_in_the_newest_manifest(tmp_path: 
 
 
 def test_show_and_verify_help_describe_the_command() -> None:
-    for command, words in (("show", "manifest in human form"), ("verify", "xxh3-64 checksum")):
+    for command, words in (("show", "manifest in human form"),
+                           ("verify", "checksum (xxh3-64 per file, xxh3-128 per tensor in shared packs)")):
         r = cli(command, "--help")
         assert r.returncode == 0, r.stderr
         usage_end = r.stdout.index("positional arguments")

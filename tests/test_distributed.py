@@ -304,3 +304,27 @@ def test_tiers_on_two_ranks_survive_a_rank_killed_mid_upload(tmp_path: Path, s3_
         again = run("tiers_resume", 2, tmp_path / "o3", url, str(local))
         for r in again:
             assert r["restored"] == 3 and r["state"] == expected(r["rank"]), r
+
+
+def test_sharded_dedup_each_rank_writes_only_its_changed_shards(tmp_path: Path) -> None:
+    """FSDP2 on 2 ranks, a frozen backbone and a trained head saved 3 times (dedup, the default): after the first
+    save neither rank writes its backbone shards again; the restore is exact."""
+    from autockpt.reader import read_manifest
+    from autockpt.storage import open_storage
+
+    ckpt = tmp_path / "ckpt"
+    res = run("dedup_shards", 2, tmp_path / "out", ckpt)
+    storage = open_storage(str(ckpt))
+    for step in (1, 2, 3):
+        m = read_manifest(storage, step)
+        assert m["files"] == {}, f"step {step}: deduplicated, no payload files of its own"
+        backbone = {n: t for n, t in m["tensors"].items() if n.startswith("backbone")}
+        shards = [t for t in backbone.values() if "shard_of" in t]
+        assert len({tuple(t["shard_offsets"]) for t in shards}) >= 2, "shards of both ranks are in the manifest"
+        for name, t in backbone.items():  # written by step 1's save, on whichever rank holds the shard
+            assert t["blob"].startswith("step_0000000001-"), f"step {step}: {name} was written again"
+        head = [t for n, t in m["tensors"].items() if n.startswith(("head", "opt")) and "shard_of" in t]
+        assert head and all(t["blob"].startswith(f"step_{step:010d}-") for t in head), f"step {step}: head shards"
+    for r in res:
+        assert r["restored"] == 3
+        assert r["full_after"] == r["full"] == res[0]["full"]

@@ -102,12 +102,15 @@ def test_machine_lost_resumes_from_remote_bit_identical(s3_server: Any, tmp_path
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dedup", [False, True])
 def test_damaged_local_copy_falls_back_to_remote(s3_url: tuple[str, dict[str, Any]], tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+                                                 caplog: pytest.LogCaptureFixture, dedup: bool) -> None:
     url, opts = s3_url
-    with autockpt.CheckpointManager(url, storage_options=opts, local_dir=tmp_path / "l") as mgr:
+    with autockpt.CheckpointManager(url, storage_options=opts, local_dir=tmp_path / "l", dedup=dedup) as mgr:
         mgr.save(4, {"w": torch.full((1000,), 4.0)})
-    payload = tmp_path / "l" / "step_0000000004" / "tensors.safetensors"
+    # deduplicated: the local pack the checkpoint's tensors lie in
+    payload = (next((tmp_path / "l" / "blobs").iterdir()) if dedup else
+               tmp_path / "l" / "step_0000000004" / "tensors.safetensors")
     data = bytearray(payload.read_bytes())
     data[-5] ^= 0xFF
     payload.write_bytes(bytes(data))

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from autockpt._version import __version__
-from autockpt.collect import collect
+from autockpt.collect import PACK_FORMAT, collect
 from autockpt.convert import ConversionError, flatten_tensors, read_foreign, write_tensors
 from autockpt.errors import (
     AutockptError,
@@ -345,7 +345,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     opts = storage_options_from(args.storage_option, args.storage_options)
     if not os.path.isdir(args.local_dir):
         raise CliError(f"no local directory at {args.local_dir}")
-    storage = open_storage(args.remote_url, opts, args.local_dir)
+    storage = open_storage(args.remote_url, opts, args.local_dir, pack_format=PACK_FORMAT)
     assert isinstance(storage, TieredStorage)
     lease = WriterLease(storage)
     lease.acquire()  # the only writer of the remote meanwhile: a running job would be refused, and vice versa

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from autockpt.format import parse_safetensors_header
 from autockpt.reader import read_manifest
-from autockpt.storage import BLOBS_DIR, BlobStore, Storage, step_dirname
+from autockpt.storage import BLOBS_DIR, BlobStore, PackFormat, Storage, TieredStorage, step_dirname
 
 log = logging.getLogger("autockpt")
 
@@ -47,6 +48,8 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
     assert collect(open_storage("memory://collect_demo")) == 0  # the prune after step 2 collected already
     ```
     """
+    if isinstance(storage, TieredStorage):  # each tier from its own manifests; the remote's by the uploader
+        return collect(storage.local)
     blobs = BlobStore(storage)
     packs = blobs.packs()  # 1. before marking: a pack that appears later is not ours to judge
     leftovers = blobs.leftovers()
@@ -76,3 +79,19 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
     if freed:
         log.info("autockpt: collected %.1f MB of packs no checkpoint refers to in %s", freed / 1e6, storage.url)
     return freed
+
+
+class _PackFormat:
+    """The checkpoint format as the tiered storage's uploader needs it (see ``autockpt.storage.PackFormat``)."""
+
+    def read_manifest(self, storage: Storage, step: int) -> dict[str, Any]:
+        return read_manifest(storage, step)
+
+    def data_start(self, read: Callable[[int, int], bytes], size: int, where: str) -> int:
+        return parse_safetensors_header(read, size, where)[0]
+
+    def collect(self, storage: Storage, manifest: Callable[[int], dict[str, Any]]) -> int:
+        return collect(storage, manifest)
+
+
+PACK_FORMAT: PackFormat = _PackFormat()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from autockpt import fit, per_rank
-from autockpt.collect import collect
+from autockpt.collect import PACK_FORMAT, collect
 from autockpt.coordination import coordinator_for
 from autockpt.errors import (
     AutockptError,
@@ -34,7 +34,6 @@ from autockpt.format import (
     CONTENT_HASH,
     TensorEntry,
     TreeEncoder,
-    dump_manifest,
     json_plain,
     new_manifest,
     paused_gc,
@@ -115,7 +114,8 @@ class CheckpointManager:
         dedup: a tensor whose bytes equal a tensor of a kept checkpoint is not written again (xxh3-128 content
             hash); new tensors go into pack files under ``DIR/blobs/``, shared by the checkpoints that refer to
             them, and packs no checkpoint refers to any more are collected after each prune. ``False`` writes
-            self-contained checkpoint directories. Sharded multi-process saves are always self-contained.
+            self-contained checkpoint directories. Under torch.distributed each rank deduplicates its own
+            shards; with ``local_dir`` packs are written locally and only those the remote lacks are uploaded.
 
     Only one process writes to a directory at a time: :meth:`acquire` (called by ``autockpt.resume`` and the
     callbacks when training starts, else by the first ``save()``) takes the writer lease, renewed by a
@@ -181,7 +181,8 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.async_save = async_save
-        self.storage = open_storage(directory, dict(storage_options or {}), local_dir, local_max_to_keep)
+        self.storage = open_storage(directory, dict(storage_options or {}), local_dir, local_max_to_keep,
+                                    PACK_FORMAT)
         self.directory = self.storage.url
         self._manifests: dict[int, dict[str, Any]] = {}
         self._verified: set[tuple[Any, ...]] = set()  # identities of checkpoints whose checksums matched once
@@ -195,9 +196,9 @@ class CheckpointManager:
         self._coord.join_tiers(self.storage)  # ... which each rank uploads its own files to
         self._tiers_shared = isinstance(self.storage, TieredStorage) and self.storage.grouped
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
-        # Sharded multi-process saves stay self-contained: each rank writes its own files of one directory; so do
-        # saves to a storage that cannot hold shared packs (the tiers upload whole checkpoint directories).
-        self.dedup = dedup and self._coord.world_size == 1 and self.storage.holds_shared_packs
+        # Under torch.distributed each rank deduplicates its own tensors (its shards) into packs of its own.
+        # Not with multi-rank tiers: each rank uploads its own step files, not packs (a later step).
+        self.dedup = dedup and self.storage.holds_shared_packs and not self._tiers_shared
         self._blobs = BlobStore(self.storage)
         self._hashes: dict[str, str] = {}  # tensor name -> content hash at the previous save (dedup)
         self._changing: set[str] = set()  # tensors whose content changed at the previous save
@@ -283,10 +284,14 @@ class CheckpointManager:
     def _verify_once(self, step: int) -> None:
         """Sizes on every call; the full checksums only the first time this manager sees this checkpoint."""
         manifest = self._manifest(step)
-        check_sizes(self.storage, step, manifest)
-        if self._identity(manifest) not in self._verified:
-            open_checkpoint(self.storage, step, manifest).close()  # reads every byte once; raises if damaged
-            self._verified.add(self._identity(manifest))
+
+        def verify(copy: Storage) -> None:  # with local_dir: the local copy, else the remote one
+            check_sizes(copy, step, manifest)
+            if self._identity(manifest) not in self._verified:
+                open_checkpoint(copy, step, manifest).close()  # reads every byte once; raises if damaged
+                self._verified.add(self._identity(manifest))
+
+        self._from_a_copy(step, verify)
 
     @property
     def latest_step(self) -> int | None:
@@ -454,12 +459,20 @@ class CheckpointManager:
         self, step: int, entries: list[TensorEntry], make_manifest: Any, committed: set[int],
         on_bytes: Any, hashed: dict[str, str],
     ) -> tuple[dict[str, Any], int]:
-        known = self._known_content(committed)
-        with self.storage.writer(step) as w:
-            blobs, tensors, written, hashes = write_deduplicated(
-                self._blobs, step, entries, known, self.shard_bytes, on_bytes, frozenset(self._changing), hashed)
-            manifest = make_manifest({}, tensors, blobs)
-            w.commit(dump_manifest(manifest))
+        out: dict[str, Any] = {"written": 0, "hashes": {}}
+
+        def write_mine(mine: list[TensorEntry]) -> tuple[dict[str, Any], dict[str, Any]]:
+            # on every rank, inside the save protocol: after the writer's collection that followed the last save
+            known = self._known_content(committed)
+            names = {e.name for e in mine}
+            blobs, tensors, out["written"], out["hashes"] = write_deduplicated(
+                self._blobs, step, mine, known, self.shard_bytes, on_bytes, frozenset(self._changing),
+                {n: d for n, d in hashed.items() if n in names})
+            return blobs, tensors
+
+        manifest = self._coord.write(self.storage, step, entries, self.shard_bytes, make_manifest, on_bytes,
+                                     dedup=write_mine)
+        written, hashes = int(out["written"]), dict(out["hashes"])
         # tensors that changed since the previous save are written without hashing first at the next one
         self._changing = {n for n, d in hashes.items() if n in self._hashes and self._hashes[n] != d}
         self._hashes = hashes

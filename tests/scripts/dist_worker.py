@@ -160,7 +160,7 @@ def main() -> None:
 def run() -> None:
     if SCENARIO == "ddp":
         model, opt = ddp_model(0)
-        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None, dedup=False) as mgr:
             for step in range(1, 4):
                 train(model, opt, 1, step)
                 result.setdefault("saved", []).append(mgr.save(step, {"model": model, "opt": opt}))
@@ -178,7 +178,7 @@ def run() -> None:
     elif SCENARIO == "fsdp_save":
         model, opt = fsdp_model(0)
         train(model, opt, 2, 1)
-        with autockpt.CheckpointManager(CKPT) as mgr:
+        with autockpt.CheckpointManager(CKPT, dedup=False) as mgr:
             mgr.save(2, {"model": model, "opt": opt})
         result["full"] = full(model, opt)
     elif SCENARIO == "fsdp_restore":  # restore into another world size; then save again into ARG
@@ -189,7 +189,7 @@ def run() -> None:
             result["restored"] = mgr.restore({"model": model, "opt": opt})
         result["full"] = full(model, opt)
         if ARG:  # in the background (async_save): staged shards, the save protocol in the writer thread
-            with autockpt.CheckpointManager(ARG, async_save=True) as mgr:
+            with autockpt.CheckpointManager(ARG, async_save=True, dedup=False) as mgr:
                 mgr.save(2, {"model": model, "opt": opt})
     elif SCENARIO == "preempt":
         model, opt = ddp_model(0)
@@ -223,7 +223,7 @@ def run() -> None:
         model, opt = fsdp_model(0)
         train(model, opt, 1, 1)
         # max_consecutive_failures=1: the failure is raised (the default would warn and return False on all ranks)
-        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1) as mgr:
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1, dedup=False) as mgr:
             mgr.save(1, {"model": model, "opt": opt})
             train(model, opt, 1, 2)
             real = CheckpointWriter.open
@@ -236,7 +236,7 @@ def run() -> None:
     elif SCENARIO == "kill_one":  # ARG: the rank SIGKILLed in the middle of writing step 2
         model, opt = fsdp_model(0)
         train(model, opt, 1, 1)
-        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1) as mgr:
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None, max_consecutive_failures=1, dedup=False) as mgr:
             mgr.save(1, {"model": model, "opt": opt})
             result["full_1"] = full(model, opt)
             train(model, opt, 1, 2)
@@ -254,7 +254,7 @@ def run() -> None:
         opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
         model, opt = fsdp_model(0)
         train(model, opt, 2, 1)
-        with autockpt.CheckpointManager(CKPT, storage_options=opts) as mgr:
+        with autockpt.CheckpointManager(CKPT, storage_options=opts, dedup=False) as mgr:
             mgr.save(2, {"model": model, "opt": opt})
         result["full"] = full(model, opt)
         model2, opt2 = fsdp_model(3)
@@ -303,6 +303,20 @@ def run() -> None:
             result["state"] = tiers_plain(state)
             result["finished"] = mgr.wait_until_finished(timeout=60)
             result["durable"] = mgr.durable_step
+    elif SCENARIO == "dedup_shards":  # a frozen sharded backbone, a trained head: each rank dedups its shards
+        backbone, frozen_opt = fsdp_model(0)
+        head, opt = fsdp_model(1)
+        with autockpt.CheckpointManager(CKPT, max_to_keep=None) as mgr:
+            for step in (1, 2, 3):
+                train(head, opt, 1, step)
+                mgr.save(step, {"backbone": backbone, "head": head, "opt": opt})
+        result["full"] = {"backbone": full(backbone, frozen_opt), "head": full(head, opt)}
+        backbone2, frozen_opt2 = fsdp_model(5)
+        head2, opt2 = fsdp_model(6)
+        train(head2, opt2, 1, 9)
+        with autockpt.CheckpointManager(CKPT) as mgr:
+            result["restored"] = mgr.restore({"backbone": backbone2, "head": head2, "opt": opt2})
+        result["full_after"] = {"backbone": full(backbone2, frozen_opt2), "head": full(head2, opt2)}
     elif SCENARIO == "unshared":
         result["error"] = error_of(lambda: autockpt.CheckpointManager(os.path.join(CKPT, f"rank{RANK}")))
     else:

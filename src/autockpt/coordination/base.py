@@ -12,7 +12,9 @@ from autockpt.format import TensorEntry
 from autockpt.storage import Storage
 
 T = TypeVar("T")
-ManifestBuilder = Callable[[dict[str, dict[str, Any]], dict[str, dict[str, Any]]], dict[str, Any]]
+ManifestBuilder = Callable[..., dict[str, Any]]  # (files, tensors[, blobs]) -> the manifest
+# A deduplicated save's writing of one rank's tensors: entries -> the manifest's (blobs, tensors) parts.
+DedupWriter = Callable[[list[TensorEntry]], tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]]
 
 
 class Coordinator(Protocol):
@@ -62,7 +64,8 @@ class Coordinator(Protocol):
 
     def write(
         self, storage: Storage, step: int, entries: list[TensorEntry], shard_bytes: int, make_manifest: ManifestBuilder,
-        on_bytes: Callable[[int], None] | None = None,
+        on_bytes: Callable[[int], None] | None = None, dedup: DedupWriter | None = None,
     ) -> dict[str, Any]:
-        """Write this rank's tensors and, once every rank succeeded, commit; returns the manifest."""
+        """Write this rank's tensors (with ``dedup``: into shared packs, through it) and, once every rank
+        succeeded, commit; returns the manifest."""
         ...

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from autockpt.coordination.base import ManifestBuilder
+from autockpt.coordination.base import DedupWriter, ManifestBuilder
 from autockpt.format import TensorEntry, dump_manifest
 from autockpt.payload import write_payload
 from autockpt.storage import Storage
@@ -52,10 +52,14 @@ class LocalCoordinator:
 
     def write(
         self, storage: Storage, step: int, entries: list[TensorEntry], shard_bytes: int, make_manifest: ManifestBuilder,
-        on_bytes: Callable[[int], None] | None = None,
+        on_bytes: Callable[[int], None] | None = None, dedup: DedupWriter | None = None,
     ) -> dict[str, Any]:
         with storage.writer(step) as w:
-            files, tensors = write_payload(w, entries, shard_bytes, on_bytes=on_bytes)
-            manifest = make_manifest(files, tensors)
+            if dedup is not None:
+                blobs, tensors = dedup(entries)
+                manifest = make_manifest({}, tensors, blobs)
+            else:
+                files, tensors = write_payload(w, entries, shard_bytes, on_bytes=on_bytes)
+                manifest = make_manifest(files, tensors)
             w.commit(dump_manifest(manifest))
         return manifest

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from autockpt.coordination.base import ManifestBuilder
+from autockpt.coordination.base import DedupWriter, ManifestBuilder
 from autockpt.dtensor import DTensor, is_sharded, local_box
 from autockpt.errors import AutockptError, InvalidArgumentError, SaveError, UnsupportedValueError, failed_on_ranks
 from autockpt.format import TensorEntry, dump_manifest
@@ -264,20 +264,28 @@ class TorchCoordinator:
         return out
 
     def _write_mine(self, storage: Storage, directory: str, entries: list[TensorEntry], shard_bytes: int,
-                    on_bytes: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    on_bytes: Callable[[int], None] | None = None, dedup: DedupWriter | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """This rank's (files, tensors, blobs) manifest parts; with ``dedup`` its tensors go into shared packs
+        (each rank deduplicates its own shards against the kept checkpoints) and ``files`` is empty."""
         if not entries:
-            return {}, {}
-        files, tensors = write_payload(CheckpointWriter.attach(storage, directory), entries,
-                                       shard_bytes, prefix=f"rank-{self.rank:05d}", on_bytes=on_bytes)
+            return {}, {}, {}
+        blobs: dict[str, Any] = {}
+        if dedup is not None:
+            files: dict[str, Any] = {}
+            blobs, tensors = dedup(entries)
+        else:
+            files, tensors = write_payload(CheckpointWriter.attach(storage, directory), entries,
+                                           shard_bytes, prefix=f"rank-{self.rank:05d}", on_bytes=on_bytes)
         for e in entries:
             if isinstance(e, ShardEntry):
                 tensors[e.name].update(shard_of=e.shard_of, global_shape=e.global_shape,
                                        shard_offsets=e.shard_offsets)
-        return files, tensors
+        return files, tensors, blobs
 
     def write(
         self, storage: Storage, step: int, entries: list[TensorEntry], shard_bytes: int, make_manifest: ManifestBuilder,
-        on_bytes: Callable[[int], None] | None = None,
+        on_bytes: Callable[[int], None] | None = None, dedup: DedupWriter | None = None,
     ) -> dict[str, Any]:
         """The save protocol; see the module's docstring and ``docs``: one commit, by rank 0, after all succeeded."""
         if isinstance(storage, TieredStorage) and storage.grouped:
@@ -301,7 +309,7 @@ class TorchCoordinator:
                 raise SaveError(f"{where} failed: rank 0 could not create the checkpoint directory: {start[1]}")
             # 2. every rank writes its files; 3. every rank reports its files and checksums, or its error.
             try:
-                report: Any = ("ok", self._write_mine(storage, start[1], entries, shard_bytes, on_bytes))
+                report: Any = ("ok", self._write_mine(storage, start[1], entries, shard_bytes, on_bytes, dedup))
             except Exception as e:
                 log.error("autockpt: rank %d failed writing step %d: %r", self.rank, step, e)
                 report = ("error", f"{type(e).__name__}: {e}")
@@ -318,10 +326,13 @@ class TorchCoordinator:
                     try:
                         files: dict[str, Any] = {}
                         tensors: dict[str, Any] = {}
-                        for _, (f, t) in reports:
+                        blobs: dict[str, Any] = {}
+                        for _, (f, t, b) in reports:
                             files.update(f)
                             tensors.update(t)
-                        manifest = make_manifest(files, tensors)
+                            blobs.update(b)
+                        manifest = (make_manifest(files, tensors, blobs) if dedup is not None
+                                    else make_manifest(files, tensors))
                         writer.commit(dump_manifest(manifest))
                     except Exception as e:
                         outcome = {0: f"could not commit: {e!r}"}
@@ -368,21 +379,21 @@ class TorchCoordinator:
                 try:
                     files: dict[str, Any] = {}
                     tensors: dict[str, Any] = {}
-                    for _, (f, t) in reports:
+                    for _, (f, t, _blobs) in reports:  # no packs here: the tiers upload each rank's files
                         files.update(f)
                         tensors.update(t)
                     raw = dump_manifest(make_manifest(files, tensors))
                 except Exception as e:
                     failed = {0: f"could not make the manifest: {e!r}"}
             raw, failed = self._bcast((raw, failed), self._io)
-            committed = None
-            if not failed:
+            if not failed:  # (every rank has rank 0's ``failed``: all of them skip this, or none)
                 assert writer is not None and raw is not None
+                committed = None
                 try:
                     writer.commit(raw)
                 except Exception as e:
                     committed = f"could not commit locally: {e!r}"
-            failed = {r: msg for r, msg in enumerate(self._gather(committed, self._io)) if msg is not None}
+                failed = {r: msg for r, msg in enumerate(self._gather(committed, self._io)) if msg is not None}
         except Exception as e:  # a collective failed: a rank died or timed out
             failed = {-1: f"the ranks could not complete the save protocol ({e!r})"}
         if failed:

@@ -34,7 +34,7 @@ from autockpt.storage.names import (
 )
 from autockpt.storage.objectstore import ObjectStoreStorage
 from autockpt.storage.retry import RETRIES, access_problem, retry, transient
-from autockpt.storage.tiered import TieredStorage
+from autockpt.storage.tiered import PackFormat, TieredStorage
 
 
 def open_storage(
@@ -42,6 +42,7 @@ def open_storage(
     storage_options: dict[str, Any] | None = None,
     local_dir: str | os.PathLike[str] | None = None,
     local_max_to_keep: int = 2,
+    pack_format: PackFormat | None = None,
 ) -> Storage:
     """The storage of one checkpoint directory: local where the filesystem renames atomically, else object store.
 
@@ -50,10 +51,12 @@ def open_storage(
     assert open_storage("/tmp/run").atomic_rename and not open_storage("memory://run").atomic_rename
     ```
 
-    With ``local_dir`` the result is a :class:`TieredStorage`: written to ``local_dir``, uploaded to ``url``.
+    With ``local_dir`` the result is a :class:`TieredStorage`: written to ``local_dir``, uploaded to ``url``
+    (deduplicated through both tiers when given the ``pack_format``: see :class:`PackFormat`).
     """
     if local_dir is not None:
-        return TieredStorage(open_storage(local_dir), open_storage(url, storage_options), local_max_to_keep)
+        return TieredStorage(open_storage(local_dir), open_storage(url, storage_options), local_max_to_keep,
+                             pack_format)
     url = os.fspath(url)
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/") or "/"
@@ -65,6 +68,7 @@ def open_storage(
 
 __all__ = [
     "BLOBS_DIR", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "RETRIES", "STEP_RE", "TMP_RE", "BlobStore",
-    "CheckpointWriter", "Fence", "Listing", "LocalStorage", "ObjectStoreStorage", "PayloadFile", "Storage",
-    "TieredStorage", "access_problem", "open_storage", "retry", "step_dirname", "transient", "valid_file_name",
+    "CheckpointWriter", "Fence", "Listing", "LocalStorage", "ObjectStoreStorage", "PackFormat", "PayloadFile",
+    "Storage", "TieredStorage", "access_problem", "open_storage", "retry", "step_dirname", "transient",
+    "valid_file_name",
 ]

@@ -168,10 +168,13 @@ class Storage(ABC):
     # Set by the writer lease once held: every change below (creating, committing, deleting) asks it first,
     # so a writer that lost the lease (paused past it, replaced) changes nothing. None: no lease (tools).
     fence: Fence | None = None
-    # Whether checkpoints here may refer to shared packs under blobs/ (deduplicated saves). The tiered storage
-    # says no: its uploader copies whole checkpoint directories, so deduplicated saves would reach the remote
-    # without their packs.
+    # Whether checkpoints here may refer to shared packs under blobs/ (deduplicated saves).
     holds_shared_packs: bool = True
+
+    @property
+    def pack_storage(self) -> Storage:
+        """Where deduplicated saves write (and the collector sweeps) packs: here; a tiered storage's local tier."""
+        return self
 
     def guard(self) -> None:
         """Ask the fence (if any) whether this process may still change the directory."""

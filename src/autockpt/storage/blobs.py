@@ -41,6 +41,7 @@ class BlobStore:
     """
 
     def __init__(self, storage: Storage) -> None:
+        storage = storage.pack_storage  # a tiered storage writes its packs to its local tier
         self.storage = storage
         self.dir = storage.path(BLOBS_DIR)
         self.local = storage.atomic_rename

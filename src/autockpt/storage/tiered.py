@@ -13,6 +13,11 @@ Tier rules:
 - the local tier keeps the ``local_max_to_keep`` newest plus every step not yet durable (those the policy
   still keeps, since the policy's deletions reach both tiers); so during a remote outage local copies pile up
   only to what the policy keeps, with one warning;
+- deduplicated checkpoints: their shared packs are written to the local tier's ``blobs/``; the uploader sends
+  only the packs the remote lacks (a listing of the remote's packs, taken once and then kept up to date: this
+  process is the only writer), then the manifest last. Unreferenced packs are collected on each tier from its
+  own manifests: locally by the manager after a save (a local checkpoint not yet durable keeps its packs), on
+  the remote by the uploader thread, between uploads and only while the writer lease is held (the fence);
 - a step held by both tiers is read from the local copy; :meth:`copies` lets the reader fall back to the
   remote copy when the local one does not verify;
 - ``local_dir`` is bound to one remote: a marker file records its URL, and a local dir that holds checkpoints
@@ -40,12 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import xxhash
 
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError
 from autockpt.storage.base import Fence, Listing, PayloadFile, Storage
+from autockpt.storage.blobs import BlobStore
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
 
@@ -74,6 +80,21 @@ class _Gone(Exception):
     """The step was deleted (retention) while the ranks uploaded it."""
 
 
+class PackFormat(Protocol):
+    """What uploading and collecting shared packs must know of the checkpoint format. Storage knows files, not
+    formats, so the layer above gives it (``autockpt.collect.PACK_FORMAT``); a tiered storage without it writes
+    self-contained checkpoints (``holds_shared_packs`` is False)."""
+
+    def read_manifest(self, storage: Storage, step: int) -> dict[str, Any]:
+        """The verified manifest of a committed step."""
+
+    def data_start(self, read: Callable[[int, int], bytes], size: int, where: str) -> int:
+        """The offset of a pack's first tensor byte (past its header)."""
+
+    def collect(self, storage: Storage, manifest: Callable[[int], dict[str, Any]]) -> int:
+        """Delete the packs of ``storage`` that no committed manifest refers to; the bytes freed."""
+
+
 class TieredStorage(Storage):
     """Checkpoints written to ``local`` and uploaded in the background to ``remote``.
 
@@ -88,12 +109,13 @@ class TieredStorage(Storage):
     """
 
     atomic_rename = True  # the commit is the local tier's rename
-    holds_shared_packs = False  # the uploader copies checkpoint directories; dedup through tiers is not built yet
-
-    def __init__(self, local: Storage, remote: Storage, local_max_to_keep: int = 2) -> None:
+    def __init__(self, local: Storage, remote: Storage, local_max_to_keep: int = 2,
+                 pack_format: PackFormat | None = None) -> None:
         if not isinstance(local, LocalStorage):
             raise InvalidArgumentError(f"local_dir must be a path on a local filesystem, got {local.url!r}")
         self.local, self.remote = local, remote
+        self.pack_format = pack_format
+        self.holds_shared_packs = pack_format is not None  # packs written locally; those the remote lacks uploaded
         self.url, self.root, self.fs = remote.url, remote.root, remote.fs
         self.local_max_to_keep = local_max_to_keep
         self._check_binding()
@@ -110,6 +132,11 @@ class TieredStorage(Storage):
         self._retry_at = 0.0
         self._group: TierGroup | None = None  # set by join_group under torch.distributed
         self._gens: dict[int, int] = {}  # group mode: upload attempts of each step, the same on every rank
+        self._remote_packs: dict[str, int] | None = None  # name -> size on the remote; listed when first needed
+        self._collect_due = False  # collect unreferenced remote packs (the uploader, under the lease)
+        self._collect_at = 0.0  # not before (after a failed collection)
+        self._collecting = False
+        self._remote_manifests: dict[int, dict[str, Any]] = {}  # read by the remote collection (uploader thread)
 
     def _remote_steps(self) -> set[int]:
         try:
@@ -183,6 +210,10 @@ class TieredStorage(Storage):
     # ------------------------------------------------------------------------------------------ Storage
     def path(self, *parts: str) -> str:
         return self.remote.path(*parts)
+
+    @property
+    def pack_storage(self) -> Storage:
+        return self.local  # deduplicated saves write their packs locally; the uploader copies them
 
     def join(self, directory: str, name: str) -> str:
         return self.local.join(directory, name)
@@ -311,6 +342,8 @@ class TieredStorage(Storage):
         durable = self._remote_steps()
         with self._lock:
             self._durable = durable
+            self._remote_packs = None  # a crash may have left packs of a partial upload: list again
+            self._collect_due = True  # ... and those are collected once the lease is held
             self._pending |= backlog - self._durable
             if self._pending:
                 log.info("autockpt: resuming the upload of step(s) %s from %s to %s", sorted(self._pending),
@@ -318,13 +351,24 @@ class TieredStorage(Storage):
                 self._start()
                 self._lock.notify_all()
 
+    def _collect_remote(self) -> None:
+        assert self.pack_format is not None  # (_collecting_allowed)
+        packs = None
+        try:
+            self.pack_format.collect(self.remote, self._remote_manifest)
+            packs = BlobStore(self.remote).packs()  # now, rather than at the next upload (a checkpoint waits)
+        finally:
+            with self._lock:
+                self._remote_packs = packs
+
     # ------------------------------------------------------------------------------------------ waiting
     def wait_uploads(self, timeout: float | None = None) -> bool:
         """Wait until every queued upload is durable; False on timeout. Raises ``SaveError`` once uploads
         failed repeatedly (the local copies stay, to be uploaded later or by ``autockpt sync``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._pending or self._uploading is not None or self._remote_deletes:
+            while (self._pending or self._uploading is not None or self._remote_deletes or self._collecting
+                   or (self._collecting_allowed() and self._thread is not None)):
                 if self._error is not None and any(
                     self._attempts.get(s, 0) >= _GIVE_UP_AFTER for s in self._pending
                 ):
@@ -358,24 +402,33 @@ class TieredStorage(Storage):
         while True:
             with self._lock:
                 while not self._stop and (
-                    not (self._pending or self._remote_deletes) or time.monotonic() < self._retry_at
+                    not (self._pending or self._remote_deletes or self._collecting_allowed())
+                    or time.monotonic() < self._retry_at
                 ):
-                    busy = self._pending or self._remote_deletes
-                    self._lock.wait(max(0.05, self._retry_at - time.monotonic()) if busy else None)
+                    busy = self._pending or self._remote_deletes or self._collecting_allowed()
+                    self._lock.wait(max(0.05, self._retry_at - time.monotonic()) if busy else 1.0)
                 if self._stop:
                     return
+                collecting = False
                 if self._remote_deletes:
                     step, deleting = max(self._remote_deletes), True
+                elif self._collecting_allowed():  # after the deletes (its garbage), before the next upload
+                    step, deleting, collecting = -1, False, True
+                    self._collect_due, self._collecting = False, True
                 else:
                     step, deleting = max(self._pending), False  # newest first
                     self._pending.discard(step)
                     self._uploading = step
             try:
-                if deleting:
+                if collecting:
+                    self._collect_remote()
+                elif deleting:
                     self.remote.delete(step)
                     with self._lock:
                         self._remote_deletes.discard(step)
                         self._durable.discard(step)
+                        self._remote_manifests.pop(step, None)
+                        self._collect_due = True  # its packs may be referenced by no kept checkpoint now
                 else:
                     durable = True
                     if self._group is not None:
@@ -391,11 +444,18 @@ class TieredStorage(Storage):
                     self._prune_local()
                 self._retry_at = 0.0
             except Exception as e:  # never raised into training: a warning, and a retry later
+                if collecting:  # the next start or delete collects again; nothing is lost meanwhile
+                    log.warning("autockpt: collecting unreferenced packs of %s failed (%r)", self.remote.url, e)
+                    with self._lock:
+                        self._collect_due = True
+                        self._collect_at = time.monotonic() + _MAX_BACKOFF
+                    continue
                 with self._lock:
                     n = self._attempts[step] = self._attempts.get(step, 0) + 1
                     self._error = e
                     if not deleting:
                         self._uploading = None
+                        self._collect_due = True  # packs of the failed upload may have arrived
                         if self.local.exists(os.path.join(step_dirname(step), MANIFEST_NAME)):
                             self._pending.add(step)
                     delay = min(_MAX_BACKOFF, 0.5 * 2**n)
@@ -405,16 +465,35 @@ class TieredStorage(Storage):
                 self._warn_backlog()
             finally:
                 with self._lock:
+                    self._collecting = False
                     self._lock.notify_all()
 
+    def _remote_manifest(self, step: int) -> dict[str, Any]:
+        assert self.pack_format is not None  # (only the remote collection asks)
+        if step not in self._remote_manifests:  # one writer: a committed manifest changes only by deletion
+            self._remote_manifests[step] = self.pack_format.read_manifest(self.remote, step)
+        return self._remote_manifests[step]
+
+    def _collecting_allowed(self) -> bool:
+        """A remote collection is due and may run now: only under the lease (the fence is set once it is held)."""
+        return (self._collect_due and self.pack_format is not None and self.remote.fence is not None
+                and time.monotonic() >= self._collect_at)
+
     def _upload(self, step: int) -> None:
-        """Copy one committed local checkpoint to the remote: payload files, checked, then the manifest."""
+        """Copy one committed local checkpoint to the remote: its packs the remote lacks and its payload files,
+        checked, then the manifest."""
         t0 = time.perf_counter()
         raw = self.local.read_manifest(step)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise SaveError(f"{self.local.url} {step_dirname(step)}: manifest too large")
         doc = json.loads(raw)
-        files: dict[str, dict[str, Any]] = doc.get("body", doc)["files"]  # the manifest is verified on restore
+        body = doc.get("body", doc)
+        files: dict[str, dict[str, Any]] = body["files"]  # the manifest is verified on restore
+        with self._lock:
+            remote_packs = self._remote_packs
+        if remote_packs is None:
+            remote_packs = BlobStore(self.remote).packs()
+        packs = {n: int(b["size"]) for n, b in body.get("blobs", {}).items() if remote_packs.get(n) != b["size"]}
         directory = self.remote.begin_checkpoint(step)
 
         def send(name: str) -> None:
@@ -443,16 +522,57 @@ class TieredStorage(Storage):
             if size != info["size"]:
                 raise SaveError(f"{directory}/{name}: {size} bytes arrived, {info['size']} were sent")
 
-        with ThreadPoolExecutor(min(_PARALLEL, max(1, len(files)))) as pool:
-            list(pool.map(send, sorted(files)))
+        def send_pack(name: str) -> None:
+            self._send_pack(step, name, packs[name], body["tensors"])
+            with self._lock:
+                if self._remote_packs is None:
+                    self._remote_packs = dict(remote_packs)
+                self._remote_packs[name] = packs[name]
+
+        jobs = [(send, n) for n in sorted(files)] + [(send_pack, n) for n in sorted(packs)]
+        with ThreadPoolExecutor(min(_PARALLEL, max(1, len(jobs)))) as pool:
+            list(pool.map(lambda job: job[0](job[1]), jobs))
+        with self._lock:
+            if self._remote_packs is None:
+                self._remote_packs = dict(remote_packs)
         self.remote.check_fence()  # as CheckpointWriter.commit: still the writer, asked of the storage
         self.remote.retrying(lambda: _write_all(self.remote, self.remote.join(directory, MANIFEST_NAME), raw),
                              f"committing {directory}")
         self.remote.finish_checkpoint(directory, step)
-        size = sum(int(f["size"]) for f in files.values())
+        self._remote_manifests.pop(step, None)
+        size = sum(int(f["size"]) for f in files.values()) + sum(packs.values())
         secs = time.perf_counter() - t0
-        log.info("autockpt: step %d is durable on %s: uploaded %.1f MB in %.2f s", step, self.remote.url,
-                 size / 1e6, secs)
+        log.info("autockpt: step %d is durable on %s: uploaded %.1f MB in %.2f s%s", step, self.remote.url,
+                 size / 1e6, secs, f" ({len(packs)} new pack(s); the rest was there)" if body.get("blobs") else "")
+
+    def _send_pack(self, step: int, name: str, size: int, tensors: dict[str, dict[str, Any]]) -> None:
+        """Upload one local pack: its tensors' content hashes checked on the local copy, its size on the remote."""
+        where = f"{self.local.url} {step_dirname(step)}: pack {name}"
+        if self.pack_format is None:
+            raise SaveError(f"{where}: uploading shared packs needs the checkpoint format (open this storage "
+                            "through CheckpointManager or `autockpt sync`)")
+        src = BlobStore(self.local).open(name, size)
+        try:
+            start = self.pack_format.data_start(src.read, size, where)
+            for t in tensors.values():
+                b, e = t["offsets"] if t.get("blob") == name else (0, 0)
+                if t.get("blob") == name and src.content_hash(start + b, e - b) != t.get("xxh3_128"):
+                    raise SaveError(f"{where} does not match its content hashes: the local copy is damaged")
+
+            def copy(f: BinaryIO) -> None:
+                pos = 0
+                while pos < size:
+                    chunk = src.read(pos, min(_CHUNK, size - pos))
+                    f.write(chunk)
+                    pos += len(chunk)
+
+            remote = BlobStore(self.remote)
+            remote.write(name, copy)
+        finally:
+            src.close()
+        got = self.remote.retrying(lambda: remote.size(name), f"checking {remote.path(name)}")
+        if got != size:
+            raise SaveError(f"{remote.path(name)}: {got} bytes arrived, {size} were sent")
 
     def _prune_local(self) -> None:
         """Keep the ``local_max_to_keep`` newest local copies and every one not yet durable."""
