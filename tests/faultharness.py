@@ -227,7 +227,7 @@ def flaky_saves(endpoint: str, new_bucket: Callable[[], str], saves: int, rate: 
 
 
 TIER_WRITER = HERE / "scripts" / "tier_kill_writer.py"
-TIER_FLOATS = 4_000_000  # 16 MB: a multipart upload of 5 MiB parts (two parts and the requests around them)
+TIER_FLOATS = 2_700_000  # 10.8 MB: a multipart upload in two parts (8 MiB, then the rest) and the requests around
 
 
 def _tier_check(url: str, opts: dict[str, Any], local: Path, history: list[int]) -> Counter[str]:
@@ -258,12 +258,12 @@ def _tier_check(url: str, opts: dict[str, Any], local: Path, history: list[int])
 
 
 def crash_trials_tiers(endpoint: str, new_bucket: Callable[[], str], root: Path, rounds: int = 1,
-                       phases: int | None = None, seed: int = 0) -> Counter[str]:
+                       phases: int | None = None, seed: int = 0, only: str | None = None) -> Counter[str]:
     """SIGKILL a tiered writer (local_dir + S3) at every phase of its uploads: each request of the multipart
     payload uploads, the manifest PUT, the remote retention DELETEs (the proxy's N-th request of that kind,
     before or after it reaches the server), and its local pruning after an upload (before the local copy is
     touched, and in the middle of its delete). ``phases``: that many of them (seeded), for CI; else all,
-    ``rounds`` times. The next start must restore the newest checkpoint, and the last one finish the backlog."""
+    ``rounds`` times; ``only``: the kind of request (``"payload PUT"``, ...) or ``"local"``. The next start must restore the newest checkpoint, and the last one finish the backlog."""
     from faultproxy import FaultProxy
 
     figures: Counter[str] = Counter()
@@ -294,15 +294,17 @@ def crash_trials_tiers(endpoint: str, new_bucket: Callable[[], str], root: Path,
         return proc.returncode, out, err
 
     with FaultProxy(endpoint) as proxy:
-        for _ in range(2):  # the second run is the steady state (it prunes on both tiers): its requests, by kind
+        for saves in (2, 1):  # the second run is the steady state (it prunes on both tiers): its requests, by kind
             n0 = len(proxy.trace)
-            rc, _, err = run(proxy, 1)
+            rc, _, err = run(proxy, saves)
             assert rc == 0, err
         per_kind = Counter(proxy.trace[n0:])
         points: list[tuple[str, int, bool] | int] = [
             (kind, k, after) for kind in ("payload PUT", "manifest PUT", "DELETE")
             for k in range(1, per_kind[kind] + 1) for after in (False, True)]
         points += [1, 2, 3, 4]  # local pruning: before the rename away, after it, between the unlinks, at rmdir
+        if only is not None:
+            points = [p for p in points if (p[0] == only if isinstance(p, tuple) else only == "local")]
         todo = rng.sample(points, phases) if phases is not None else points * rounds
         for point in todo:
             if isinstance(point, int):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import autockpt
+from autockpt.errors import SaveError
 from autockpt.lease import current_lease
-from autockpt.storage import open_storage
+from autockpt.storage import S3_REQUEST_DEFAULTS, open_storage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultharness import ENV, crash_trials_tiers  # noqa: E402
@@ -95,3 +98,74 @@ def test_zombie_writer_paused_mid_upload_commits_and_deletes_nothing_remote(s3_s
                 os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
             proc.wait()
+
+
+def test_s3_requests_get_timeouts_unless_the_user_set_them() -> None:
+    fs = open_storage("s3://bucket/run", {"key": "k", "secret": "s", "skip_instance_cache": True}).fs
+    assert fs.config_kwargs == S3_REQUEST_DEFAULTS
+    mine = {"read_timeout": 60, "retries": {"max_attempts": 9}}
+    fs = open_storage("s3://bucket/run", {"skip_instance_cache": True, "config_kwargs": mine}).fs
+    assert fs.config_kwargs == {"connect_timeout": 5, **mine}
+
+
+def _stalling(endpoint: str) -> dict[str, Any]:
+    """Options through the proxy with 1 s timeouts and one botocore try (s3fs retries around it)."""
+    return {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}}
+
+
+def test_stalled_upload_request_times_out_warns_and_is_retried(s3_server: Any, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Every payload PUT stalls (forwarded, never answered) until the first warning: the request times out, the
+    upload is retried, and once the remote answers again the step becomes durable."""
+    from faultproxy import FaultProxy
+
+    url = f"s3://{s3_server.new_bucket()}/run"
+    with FaultProxy(s3_server.endpoint, delay_s=5) as proxy, caplog.at_level(logging.WARNING, "autockpt"):
+        proxy.stall(1, "payload PUT", every=True)
+        mgr = autockpt.CheckpointManager(url, storage_options=_stalling(proxy.endpoint), local_dir=tmp_path / "l")
+        assert mgr.save(1, {"w": np.full(1000, 1.0)})
+        deadline = time.monotonic() + 45  # 1 s timeouts, 5 s3fs tries: the first warning comes in about 6 s
+        while not any("tensors" in r.message and "failed" in r.message for r in caplog.records):
+            assert time.monotonic() < deadline, "a stalled upload must fail with a warning, not hang"
+            time.sleep(0.1)
+        proxy.unstall()
+        deadline = time.monotonic() + 120
+        while True:  # the error is reported until the retry (backoff up to 30 s) succeeds
+            try:
+                if mgr.wait_until_finished(timeout=1):
+                    break
+            except SaveError:
+                assert time.monotonic() < deadline, "the upload must finish once the remote answers again"
+                time.sleep(0.5)
+        assert mgr.durable_step == 1
+        mgr.close()
+        assert proxy.stalled >= 1
+    assert any("Timeout" in r.message for r in caplog.records), [r.message for r in caplog.records]
+    assert float(autockpt.load(url, storage_options=s3_server.storage_options)["w"][0]) == 1.0
+
+
+@pytest.mark.skipif(not FULL, reason="a persistent stall takes minutes of retries: AUTOCKPT_FULL=1")
+def test_persistently_stalled_uploads_surface_in_wait_until_finished(s3_server: Any, tmp_path: Path) -> None:
+    from faultproxy import FaultProxy
+
+    url = f"s3://{s3_server.new_bucket()}/run"
+    with FaultProxy(s3_server.endpoint, delay_s=5) as proxy:
+        proxy.stall(1, "payload PUT", every=True)
+        mgr = autockpt.CheckpointManager(url, storage_options=_stalling(proxy.endpoint), local_dir=tmp_path / "l")
+        assert mgr.save(1, {"w": np.full(1000, 1.0)})
+        with pytest.raises(SaveError, match="failed 3 times"):
+            mgr.wait_until_finished(timeout=600)
+        assert (tmp_path / "l" / "step_0000000001" / "manifest.json").exists(), "the local copy must stay"
+        proxy.unstall()
+        deadline = time.monotonic() + 120
+        while True:  # the error is reported until the retry (backoff up to 30 s) succeeds
+            try:
+                if mgr.wait_until_finished(timeout=1):
+                    break
+            except SaveError:
+                assert time.monotonic() < deadline, "the upload must finish once the remote answers again"
+                time.sleep(0.5)
+        assert mgr.durable_step == 1
+        mgr.close()

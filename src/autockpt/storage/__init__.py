@@ -37,10 +37,11 @@ from autockpt.storage.retry import RETRIES, access_problem, retry, transient
 from autockpt.storage.tiered import TieredStorage
 
 # A stalled request must fail and be retried, not hang: every S3 request gets a connect and a read timeout
-# (the read timeout bounds each wait for bytes of an answer, not a whole transfer), and botocore tries it twice,
-# since s3fs (5 tries) and autockpt (storage.retry: 5 tries; the uploader: again later) retry around it. Without
-# the cap a stalled request costs 15 s x 5 botocore tries x 5 s3fs tries, over 6 minutes at one call, longer than
-# every cloud's preemption notice (30 s on GCP and Azure, 2 min on AWS) and than upload_deadline_s (20 s).
+# (the read timeout bounds each wait for bytes of an answer, not a whole transfer; both as s3fs sets them today,
+# made explicit), and botocore tries it twice, since s3fs (5 tries) and autockpt (storage.retry: 5 tries; the
+# uploader: again later) retry around it. Without the cap a stalled request holds one call for 15 s x 5 botocore
+# tries x 5 s3fs tries, over 6 minutes, longer than every cloud's preemption notice (30 s on GCP and Azure,
+# 2 min on AWS) and than upload_deadline_s (20 s); with it 2.5 minutes.
 S3_REQUEST_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 15, "retries": {"total_max_attempts": 2}}
 
 
