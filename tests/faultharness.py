@@ -263,10 +263,11 @@ def crash_trials_tiers(endpoint: str, new_bucket: Callable[[], str], root: Path,
     payload uploads, the manifest PUT, the remote retention DELETEs (the proxy's N-th request of that kind,
     before or after it reaches the server), and its local pruning after an upload (before the local copy is
     touched, and in the middle of its delete). ``phases``: that many of them (seeded), for CI; else all,
-    ``rounds`` times; ``only``: the kind of request (``"payload PUT"``, ...) or ``"local"``. The next start must restore the newest checkpoint, and the last one finish the backlog."""
+    ``rounds`` times; ``only``: the kind of request (``"payload PUT"``, ...) or ``"local"``. The next start
+    must restore the newest checkpoint, and the last one finish the backlog."""
     from faultproxy import FaultProxy
 
-    figures: Counter[str] = Counter()
+    figures: Counter[str] = Counter({"restarts that did not restore the newest checkpoint": 0})
     rng = random.Random(seed)
     url = f"s3://{new_bucket()}/run"
     local = root / f"tiers-{uuid.uuid4().hex[:8]}"

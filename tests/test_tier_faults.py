@@ -28,18 +28,22 @@ ZOMBIE = Path(__file__).parent / "scripts" / "tier_zombie.py"
 FULL = os.environ.get("AUTOCKPT_FULL") == "1"
 
 
-def _assert_no_damage(figures: Any) -> None:
+def _assert_no_damage(figures: Any, seed: int) -> None:
     bad = {k: v for k, v in figures.items() if v and k.startswith(
         ("checkpoints lost", "corrupt loads", "phantom", "restarts that did not", "kept checkpoints not uploaded"))}
-    assert bad == {}, dict(figures)
+    assert bad == {}, (f"seed {seed}", dict(figures))
 
 
 def test_sigkill_at_each_phase_of_an_upload(s3_server: Any, tmp_path: Path, seed: int) -> None:
+    """SIGKILL a tiered writer at each multipart request of a payload upload, the manifest PUT, the remote
+    retention DELETEs (before and after each reaches the server) and each step of its local pruning: every
+    committed remote checkpoint verifies, nothing kept is lost, the next start restores the newest, the backlog
+    uploads. CI: a seeded few of these phases; AUTOCKPT_FULL=1: every one, twice (the table in the README)."""
     figures = crash_trials_tiers(s3_server.endpoint, s3_server.new_bucket, tmp_path, rounds=2 if FULL else 1,
                                  phases=None if FULL else 3, seed=seed)
     print("\n".join(f"{k}: {v}" for k, v in sorted(figures.items())))
-    _assert_no_damage(figures)
-    assert figures["trials"] >= (20 if FULL else 2), (seed, dict(figures))
+    _assert_no_damage(figures, seed)
+    assert figures["trials"] >= (20 if FULL else 1), (seed, dict(figures))
 
 
 def _stopped(pid: int) -> bool:
