@@ -38,9 +38,9 @@ def test_sigkill_at_each_phase_of_an_upload(s3_server: Any, tmp_path: Path, seed
     """SIGKILL a tiered writer at each multipart request of a payload upload, the manifest PUT, the remote
     retention DELETEs (before and after each reaches the server) and each step of its local pruning: every
     committed remote checkpoint verifies, nothing kept is lost, the next start restores the newest, the backlog
-    uploads. CI: a seeded few of these phases; AUTOCKPT_FULL=1: every one, twice (the table in the README)."""
+    uploads. CI: one of these phases, drawn by the seed; AUTOCKPT_FULL=1: every one, twice (README table)."""
     figures = crash_trials_tiers(s3_server.endpoint, s3_server.new_bucket, tmp_path, rounds=2 if FULL else 1,
-                                 phases=None if FULL else 3, seed=seed)
+                                 phases=None if FULL else 1, seed=seed)
     print("\n".join(f"{k}: {v}" for k, v in sorted(figures.items())))
     _assert_no_damage(figures, seed)
     assert figures["trials"] >= (20 if FULL else 1), (seed, dict(figures))

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import xxhash
 
-from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, SaveError
+from autockpt.errors import CheckpointNotFoundError, InvalidArgumentError, LeaseError, SaveError
 from autockpt.storage.base import Fence, Listing, PayloadFile, Storage
 from autockpt.storage.local import LocalStorage
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, step_dirname
@@ -273,11 +273,12 @@ class TieredStorage(Storage):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._pending or self._uploading is not None or self._remote_deletes:
-                if self._error is not None and any(
-                    self._attempts.get(s, 0) >= _GIVE_UP_AFTER for s in self._pending
+                if self._error is not None and any(  # a failing remote delete too: never a silent hang
+                    self._attempts.get(s, 0) >= _GIVE_UP_AFTER for s in self._pending | self._remote_deletes
                 ):
                     raise SaveError(
-                        f"uploading step(s) {sorted(self._pending)} from {self.local.url} to {self.remote.url} "
+                        f"uploading step(s) {sorted(self._pending)} (deleting {sorted(self._remote_deletes)}) from "
+                        f"{self.local.url} to {self.remote.url} "
                         f"failed {_GIVE_UP_AFTER} times, last: {self._error!r}. The local copies are kept; a "
                         f"restart resumes the upload, or run: autockpt sync {self.local.url} {self.remote.url}"
                     )
@@ -336,6 +337,8 @@ class TieredStorage(Storage):
             except Exception as e:  # never raised into training: a warning, and a retry later
                 with self._lock:
                     n = self._attempts[step] = self._attempts.get(step, 0) + 1
+                    if isinstance(e, LeaseError):  # another writer took over: retrying cannot succeed
+                        n = self._attempts[step] = max(n, _GIVE_UP_AFTER)
                     self._error = e
                     if not deleting:
                         self._uploading = None
