@@ -251,10 +251,15 @@ class TieredStorage(Storage):
     def cleanup(self, listing: Listing) -> None:
         """Leftovers of a crash on both tiers (a partial upload included); the local-only steps are queued."""
         self.local.cleanup(self.local.scan())
-        try:
-            self.remote.cleanup(self.remote.scan())
-        except Exception as e:  # the remote is down: its leftovers go next time
-            log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
+        # Not while the uploader sends a step: its directory looks partial (no manifest yet), and deleting its
+        # payload just before the manifest lands left a committed checkpoint without payload. The lock keeps the
+        # uploader from starting another step meanwhile; what is skipped goes at the next start.
+        with self._lock:
+            if self._uploading is None:
+                try:
+                    self.remote.cleanup(self.remote.scan())
+                except Exception as e:  # the remote is down: its leftovers go next time
+                    log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
         backlog = set(self.local.scan().committed)
         durable = self._remote_steps()
         with self._lock:
