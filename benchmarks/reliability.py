@@ -31,10 +31,10 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from conftest import S3Server, _free_port  # noqa: E402
-from faultharness import crash_trials_local, crash_trials_s3, flaky_saves  # noqa: E402
+from faultharness import crash_trials_local, crash_trials_s3, crash_trials_tiers, flaky_saves  # noqa: E402
 
 BAD = ("checkpoints lost", "corrupt loads", "undetected damage", "reported saved but missing", "phantom",
-       "leftovers", "hostile cases that broke a promise")
+       "leftovers", "hostile cases that broke a promise", "restarts that did not", "kept checkpoints not uploaded")
 
 
 def start_moto() -> tuple[subprocess.Popen[bytes], S3Server]:
@@ -87,6 +87,12 @@ def main() -> int:
         totals.update(f)
 
         t = time.time()
+        f = crash_trials_tiers(server.endpoint, server.new_bucket, work, rounds=1 if args.quick else 2,
+                               phases=1 if args.quick else None, seed=4)
+        section("SIGKILL during tiered uploads (local_dir + S3), at each phase of an upload", f, time.time() - t)
+        totals.update(f)
+
+        t = time.time()
         space: dict[str, int] = dict(out_of_space_sweep())
         try:
             space.update(real_out_of_space(work))
@@ -135,10 +141,12 @@ def main() -> int:
     print(f"  {'S3 request faults injected (500, 503, dropped, timed out)':<78} {totals['faults']:>7}")
     print(f"  {'damaged or hostile checkpoints':<78} {totals['cases (damaged or hostile checkpoints)']:>7}")
     lost = totals["checkpoints lost"] + totals["reported saved but missing (checkpoints lost)"]
-    bad = {"checkpoints lost": lost, "corrupt loads": totals["corrupt loads"],
+    bad = {"checkpoints lost": lost + totals["kept checkpoints not uploaded in the end"],
+           "corrupt loads": totals["corrupt loads"],
            "undetected damage": totals["undetected damage"],
            "other broken promises": totals["hostile cases that broke a promise"] + totals["leftovers after restart"]
            + totals["phantom checkpoints (committed, never reported, not the one in flight)"]
+           + totals["restarts that did not restore the newest checkpoint"]
            + totals["code executed from a pickle"] + totals["paths touched outside the checkpoint directory"]}
     for k, v in bad.items():
         print(f"  {k:<78} {v:>7}  <-- must be 0")

@@ -224,3 +224,111 @@ def flaky_saves(endpoint: str, new_bucket: Callable[[], str], saves: int, rate: 
             figures["corrupt loads"] += 1
     figures["corrupt loads"] += 0
     return figures
+
+
+TIER_WRITER = HERE / "scripts" / "tier_kill_writer.py"
+TIER_FLOATS = 2_700_000  # 10.8 MB: a multipart upload in two parts (8 MiB, then the rest) and the requests around
+
+
+def _tier_check(url: str, opts: dict[str, Any], local: Path, history: list[int]) -> Counter[str]:
+    """After a kill during uploads: every committed remote checkpoint verifies (no partial one is ever
+    restored), what the remote policy keeps (the 2 newest) is on one tier at least, the newest restores."""
+    figures: Counter[str] = Counter({"corrupt loads": 0, "checkpoints lost": 0})
+    remote = Storage(url, {**opts, "skip_instance_cache": True})
+    on_remote = set(remote.scan().committed)
+    here = set(Storage(str(local)).scan().committed)
+    for step in sorted(on_remote):
+        try:
+            with open_checkpoint(remote, step) as ckpt:
+                if ckpt.state()["meta"]["step"] != step:
+                    figures["corrupt loads"] += 1
+        except AutockptError:
+            figures["corrupt loads"] += 1
+    figures["checkpoints lost"] += len(set(sorted(history)[-2:]) - on_remote - here)
+    figures["phantom checkpoints (committed, never reported, not the one in flight)"] += len(
+        (on_remote | here) - set(history))
+    if history:
+        try:
+            state = autockpt.load(url, storage_options=opts, local_dir=local)  # verified, local copy first
+            if state["meta"]["step"] != max(history) or not (state["w"] == max(history)).all():
+                figures["corrupt loads"] += 1
+        except AutockptError:
+            figures["corrupt loads"] += 1
+    return figures
+
+
+def crash_trials_tiers(endpoint: str, new_bucket: Callable[[], str], root: Path, rounds: int = 1,
+                       phases: int | None = None, seed: int = 0, only: str | None = None) -> Counter[str]:
+    """SIGKILL a tiered writer (local_dir + S3) at every phase of its uploads: each request of the multipart
+    payload uploads, the manifest PUT, the remote retention DELETEs (the proxy's N-th request of that kind,
+    before or after it reaches the server), and its local pruning after an upload (before the local copy is
+    touched, and in the middle of its delete). ``phases``: that many of them (seeded), for CI; else all,
+    ``rounds`` times; ``only``: the kind of request (``"payload PUT"``, ...) or ``"local"``. The next start
+    must restore the newest checkpoint, and the last one finish the backlog."""
+    from faultproxy import FaultProxy
+
+    figures: Counter[str] = Counter({"restarts that did not restore the newest checkpoint": 0})
+    rng = random.Random(seed)
+    url = f"s3://{new_bucket()}/run"
+    local = root / f"tiers-{uuid.uuid4().hex[:8]}"
+    opts = {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    history: list[int] = []
+
+    def run(proxy: FaultProxy, saves: int, kill_local: int = 0, arm: tuple[str, int, bool] | None = None
+            ) -> tuple[int, str, str]:
+        newest = max(history, default=None)
+        proc = subprocess.Popen([sys.executable, str(TIER_WRITER), url, str(local), proxy.endpoint, str(saves),
+                                 str(kill_local), str(TIER_FLOATS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=ENV)
+        if arm is not None:
+            proxy.arm(proc.pid, arm[1], after_forward=arm[2], kind=arm[0])
+        out, err = proc.communicate(timeout=300)
+        proxy.disarm()
+        history.extend(committed_lines(out))
+        start = [line.split()[1] for line in out.splitlines() if line.startswith("start ")]
+        if start and start[0] != str(newest):  # the script checked that what it restored has that step's values
+            figures["restarts that did not restore the newest checkpoint"] += 1
+        here = Storage(str(local)).scan().committed  # a save whose local commit landed before the kill
+        if here and max(here) not in history:
+            history.append(max(here))
+        return proc.returncode, out, err
+
+    with FaultProxy(endpoint) as proxy:
+        # the second run is the steady state (it prunes on both tiers): its requests, by kind; CI skips it and
+        # arms only the requests every save makes (multipart start, 2 parts, complete; the manifest PUT)
+        for saves in (2, 1) if phases is None else (2,):
+            n0 = len(proxy.trace)
+            rc, _, err = run(proxy, saves)
+            assert rc == 0, err
+        per_kind = Counter(proxy.trace[n0:]) if phases is None else Counter({"payload PUT": 4, "manifest PUT": 1})
+        points: list[tuple[str, int, bool] | int] = [
+            (kind, k, after) for kind in ("payload PUT", "manifest PUT", "DELETE")
+            for k in range(1, per_kind[kind] + 1) for after in (False, True)]
+        points += [1, 2, 3, 4]  # local pruning: before the rename away, after it, between the unlinks, at rmdir
+        if only is not None:
+            points = [p for p in points if (p[0] == only if isinstance(p, tuple) else only == "local")]
+        todo = rng.sample(points, phases) if phases is not None else points * rounds
+        for point in todo:
+            if isinstance(point, int):
+                rc, _, err = run(proxy, 1, kill_local=point)
+                killed = [line for line in err.splitlines() if line.startswith("killed-at ")]
+                label = f"local pruning op {point}: {killed[0].split()[1] if killed else ''}"
+            else:
+                rc, _, err = run(proxy, 1, arm=point)
+                label = f"HTTP request: {proxy.killed}"
+            if rc != -9:
+                if rc != 0:
+                    raise RuntimeError(err)
+                figures["armed, not reached (the run ended first)"] += 1
+                continue
+            figures["trials"] += 1
+            figures[f"SIGKILL at {label}"] += 1
+            figures.update(_tier_check(url, opts, local, history))
+        rc, out, err = run(proxy, 0)  # the next start: restores the newest, finishes the backlog
+        assert rc == 0, err
+    figures.update(_tier_check(url, opts, local, history))
+    on_remote = set(Storage(url, {**opts, "skip_instance_cache": True}).scan().committed)
+    figures["kept checkpoints not uploaded in the end"] += len(set(sorted(history)[-2:]) - on_remote)
+    figures["checkpoints committed"] = len(set(history))
+    return figures

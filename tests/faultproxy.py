@@ -6,8 +6,11 @@ It forwards every request to the upstream server and, seeded and bounded, inject
   answer, or an answer delayed past the client's read timeout (the request does reach the server: the client
   only sees a timeout, like a lost response);
 - ``arm(pid, n)``: SIGKILL process ``pid`` at its ``n``-th request, before forwarding it (the request is
-  lost) or after (it landed, its answer is lost): crash points land exactly in payload PUTs, the manifest PUT,
-  the DELETEs of pruning.
+  lost) or after (it landed, its answer is lost): crash points land exactly in payload PUTs (each part of a
+  multipart upload: ``part_of`` names which), the manifest PUT, the DELETEs of pruning. With ``sig=SIGSTOP``
+  the process is paused there instead, and the request goes on normally (its answer waits for SIGCONT);
+- ``stall(n, kind)``: the ``n``-th request of ``kind`` (every one from then on with ``every=True``) is
+  forwarded and then never answered: the client sees a stalled request until its read timeout.
 
 Counts of requests and of injected faults, by kind, are kept in ``stats``. The proxy stops by itself after
 ``max_seconds`` or ``max_requests``.
@@ -45,6 +48,21 @@ def classify(method: str, path: str) -> str:
     return "read/list"
 
 
+def part_of(method: str, path: str) -> str:
+    """Which request of a (multipart) upload this is (``[multipart start]``, ``[part N]``, ``[multipart
+    complete]``), or what a DELETE removes (``[checkpoint]``, ``[lease or probe]``); else ``""``."""
+    query = urlsplit(path).query
+    if method == "POST" and "uploads" in query.split("&"):
+        return "[multipart start]"
+    if method == "PUT" and "partNumber=" in query:
+        return f"[part {query.split('partNumber=')[1].split('&')[0]}]"
+    if method == "POST" and "uploadId=" in query:
+        return "[multipart complete]"
+    if classify(method, path) == "DELETE":
+        return "[lease or probe]" if ".autockpt-" in path else "[checkpoint]"
+    return ""
+
+
 class FaultProxy:
     def __init__(self, upstream: str, fail_rate: float = 0.0, seed: int = 0, delay_s: float = 3.0,
                  max_faults: int = 10**6, max_requests: int = 10**6, max_seconds: float = 1800.0) -> None:
@@ -61,6 +79,11 @@ class FaultProxy:
         self.kill_at = 0
         self.kill_after_forward = False
         self.kill_kind: str | None = None
+        self.kill_sig = signal.SIGKILL
+        self.stall_kind: str | None = None
+        self.stall_at = 0
+        self.stall_every = False
+        self.stalled = 0  # requests stalled so far
         self.counted = 0
         self.killed: str | None = None  # what the killing request was
         self.trace: list[str] = []  # the kind of every request, in order
@@ -90,8 +113,12 @@ class FaultProxy:
                 body = self._body()
                 kind = classify(self.command, self.path)
                 fault, kill = proxy._decide(kind)
+                what = f"{kind} {part_of(self.command, self.path)}".strip()
+                if kill is not None and proxy.kill_sig != signal.SIGKILL:
+                    proxy._kill(kill, what)  # paused, not killed: the request goes on
+                    kill = None
                 if kill is not None and not proxy.kill_after_forward:
-                    proxy._kill(kill, kind)
+                    proxy._kill(kill, what)
                     self.close_connection = True
                     return
                 if fault in ("500", "503"):
@@ -111,7 +138,7 @@ class FaultProxy:
                     return
                 status, headers, data = proxy._forward(self.command, self.path, body, self.headers)
                 if kill is not None:
-                    proxy._kill(kill, kind)
+                    proxy._kill(kill, what)
                     self.close_connection = True
                     return
                 if fault == "timeout":
@@ -149,6 +176,11 @@ class FaultProxy:
                 if self.counted == self.kill_at:
                     pid, self.kill_pid = self.kill_pid, None
                     return None, pid
+            if self.stall_kind == kind:
+                self.stall_at -= 1
+                if self.stall_at <= 0 and (self.stall_every or self.stall_at == 0):
+                    self.stalled += 1
+                    return "timeout", None
             if self.fail_rate and self.stats["faults"] < self.max_faults and self.rng.random() < self.fail_rate:
                 fault = self.rng.choice(["500", "503", "drop", "timeout"])
                 self.stats["faults"] += 1
@@ -157,9 +189,10 @@ class FaultProxy:
         return None, None
 
     def _kill(self, pid: int, kind: str) -> None:
-        self.killed = f"{kind} ({'after' if self.kill_after_forward else 'before'} it reached the server)"
+        when = "after" if self.kill_after_forward and self.kill_sig == signal.SIGKILL else "before"
+        self.killed = f"{kind} ({when} it reached the server)"
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, self.kill_sig)
         except ProcessLookupError:
             pass
 
@@ -176,12 +209,23 @@ class FaultProxy:
         finally:
             conn.close()
 
-    def arm(self, pid: int, at: int, after_forward: bool = False, kind: str | None = None) -> None:
-        """SIGKILL ``pid`` at the ``at``-th request from now (counting only requests of ``kind`` if given)."""
+    def arm(self, pid: int, at: int, after_forward: bool = False, kind: str | None = None,
+            sig: int = signal.SIGKILL) -> None:
+        """SIGKILL (or ``sig``) ``pid`` at the ``at``-th request from now (counting only requests of ``kind``)."""
         with self.lock:
             self.kill_pid, self.kill_at, self.kill_after_forward, self.counted = pid, at, after_forward, 0
-            self.kill_kind = kind
+            self.kill_kind, self.kill_sig = kind, sig
             self.killed = None
+
+    def stall(self, at: int, kind: str, every: bool = False) -> None:
+        """Forward the ``at``-th request of ``kind`` from now (and, with ``every``, all later ones), then answer
+        nothing for ``delay_s`` and drop the connection: a stalled request, as the client sees it."""
+        with self.lock:
+            self.stall_kind, self.stall_at, self.stall_every = kind, at, every
+
+    def unstall(self) -> None:
+        with self.lock:
+            self.stall_kind = None
 
     def disarm(self) -> None:
         with self.lock:

@@ -49,7 +49,13 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 import xxhash
 
-from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError
+from autockpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    LeaseError,
+    SaveError,
+)
 from autockpt.storage.base import Fence, Listing, PayloadFile, Storage
 from autockpt.storage.blobs import BlobStore
 from autockpt.storage.local import LocalStorage
@@ -325,17 +331,19 @@ class TieredStorage(Storage):
     def cleanup(self, listing: Listing) -> None:
         """Leftovers of a crash on both tiers (a partial upload included); the local-only steps are queued."""
         self.local.cleanup(self.local.scan())
-        try:
-            remote = self.remote.scan()
-            if self._group is not None:  # the other ranks may be uploading their files of these
-                with self._lock:
-                    busy = {step_dirname(s) for s in self._pending}
-                    if self._uploading is not None:
-                        busy.add(step_dirname(self._uploading))
-                remote.uncommitted = [n for n in remote.uncommitted if n not in busy]
-            self.remote.cleanup(remote)
-        except Exception as e:  # the remote is down: its leftovers go next time
-            log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
+        # Not while the uploader sends a step: its directory looks partial (no manifest yet), and deleting its
+        # payload just before the manifest lands left a committed checkpoint without payload. The lock keeps the
+        # uploader from starting another step meanwhile; what is skipped goes at the next start.
+        with self._lock:
+            if self._uploading is None:
+                try:
+                    remote = self.remote.scan()
+                    if self._group is not None:  # the other ranks may be uploading their files of these
+                        busy = {step_dirname(s) for s in self._pending}
+                        remote.uncommitted = [n for n in remote.uncommitted if n not in busy]
+                    self.remote.cleanup(remote)
+                except Exception as e:  # the remote is down: its leftovers go next time
+                    log.warning("autockpt: cannot clean up %s (%r)", self.remote.url, e)
         if self._group is not None:  # join_group queued the steps complete on every rank
             return
         backlog = set(self.local.scan().committed)
@@ -369,11 +377,12 @@ class TieredStorage(Storage):
         with self._lock:
             while (self._pending or self._uploading is not None or self._remote_deletes or self._collecting
                    or (self._collecting_allowed() and self._thread is not None)):
-                if self._error is not None and any(
-                    self._attempts.get(s, 0) >= _GIVE_UP_AFTER for s in self._pending
+                if self._error is not None and any(  # a failing remote delete too: never a silent hang
+                    self._attempts.get(s, 0) >= _GIVE_UP_AFTER for s in self._pending | self._remote_deletes
                 ):
                     raise SaveError(
-                        f"uploading step(s) {sorted(self._pending)} from {self.local.url} to {self.remote.url} "
+                        f"uploading step(s) {sorted(self._pending)} (deleting {sorted(self._remote_deletes)}) from "
+                        f"{self.local.url} to {self.remote.url} "
                         f"failed {_GIVE_UP_AFTER} times, last: {self._error!r}. The local copies are kept; a "
                         f"restart resumes the upload, or run: autockpt sync {self.local.url} {self.remote.url}"
                     )
@@ -452,6 +461,8 @@ class TieredStorage(Storage):
                     continue
                 with self._lock:
                     n = self._attempts[step] = self._attempts.get(step, 0) + 1
+                    if isinstance(e, LeaseError):  # another writer took over: retrying cannot succeed
+                        n = self._attempts[step] = max(n, _GIVE_UP_AFTER)
                     self._error = e
                     if not deleting:
                         self._uploading = None
