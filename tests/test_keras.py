@@ -91,8 +91,8 @@ def _interrupted_matches_uninterrupted(
     ckpt, out = tmp_path / "ckpt", tmp_path / "run"
     resumes: list[tuple[int, int]] = []
     reached = 0
-    for sig in plan:  # each at a random batch, mid-epoch or not
-        at = rng.randrange(reached + 2, reached + 14)
+    for sig in plan:  # each at a random batch, mid-epoch or not; the first after the first checkpoint (batch 3)
+        at = rng.randrange(reached + 2, reached + 14) if reached else rng.randrange(5, 14)
         end, lines = _run(ckpt, out, kind, sig, at, tag=tag, backend=backend)
         resumes += [(int(ln.split()[1]), int(ln.split()[2])) for ln in lines if ln.startswith("RESUMED")]
         batches = [int(ln.split()[1]) for ln in lines if ln.startswith("BATCH")]
