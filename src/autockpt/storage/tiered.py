@@ -508,30 +508,7 @@ class TieredStorage(Storage):
         directory = self.remote.begin_checkpoint(step)
 
         def send(name: str) -> None:
-            info = files[name]
-
-            def attempt() -> str:
-                h = xxhash.xxh3_64()
-                src = self.local.open_payload(step, name, int(info["size"]))
-                try:
-                    with self.remote.open_for_write(self.remote.join(directory, name)) as f:
-                        pos = 0
-                        while pos < src.size:
-                            chunk = src.read(pos, min(_CHUNK, src.size - pos))
-                            h.update(chunk)
-                            f.write(chunk)
-                            pos += len(chunk)
-                finally:
-                    src.close()
-                return str(h.hexdigest())
-
-            digest = self.remote.retrying(attempt, f"uploading {directory}/{name}")
-            if "xxh3_64" in info and digest != info["xxh3_64"]:
-                raise SaveError(f"{self.local.url} {step_dirname(step)}/{name} does not match its checksum: the "
-                                "local copy is damaged")
-            size = self.remote.retrying(lambda: self.remote.file_size(step, name), f"checking {directory}/{name}")
-            if size != info["size"]:
-                raise SaveError(f"{directory}/{name}: {size} bytes arrived, {info['size']} were sent")
+            self._copy_file(step, directory, name, files[name])
 
         def send_pack(name: str) -> None:
             self._send_pack(step, name, packs[name], body["tensors"])
@@ -685,9 +662,15 @@ class TieredStorage(Storage):
             time.sleep(0.1)
 
     def _copy_own(self, step: int, directory: str, name: str, info: dict[str, Any], beat: str) -> list[Any]:
-        """Upload one of this rank's files, then check the checksum of the bytes sent and the size that arrived."""
+        """Upload one of this rank's files (a heartbeat per chunk for the other ranks' waits); [size, checksum]."""
         assert self._group is not None
         store = self._group.store
+        return self._copy_file(step, directory, name, info, lambda: store.add(beat, 1))
+
+    def _copy_file(self, step: int, directory: str, name: str, info: dict[str, Any],
+                   on_chunk: Callable[[], Any] | None = None) -> list[Any]:
+        """Upload one local payload file of ``step`` into the remote ``directory``, then check the checksum of the
+        bytes sent and the size that arrived; returns [size, checksum]."""
 
         def attempt() -> str:
             h = xxhash.xxh3_64()
@@ -700,7 +683,8 @@ class TieredStorage(Storage):
                         h.update(chunk)
                         f.write(chunk)
                         pos += len(chunk)
-                        store.add(beat, 1)
+                        if on_chunk is not None:
+                            on_chunk()
             finally:
                 src.close()
             return str(h.hexdigest())
