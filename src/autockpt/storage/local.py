@@ -81,12 +81,20 @@ class LocalStorage(Storage):
         with open(self.path(name), "rb") as f:
             return f.read(limit)
 
-    def write_small(self, name: str, data: bytes) -> None:
+    def _temp_beside(self, name: str, data: bytes, durable: bool) -> tuple[str, str]:
+        """``data`` written to a new temporary file beside ``name`` (fsynced if ``durable``): (path, temp path)."""
         os.makedirs(self.root, exist_ok=True)
         path = self.path(name)
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        return path, tmp
+
+    def write_small(self, name: str, data: bytes) -> None:
+        path, tmp = self._temp_beside(name, data, durable=False)
         os.replace(tmp, path)
 
     @property
@@ -94,13 +102,7 @@ class LocalStorage(Storage):
         return True
 
     def create_small(self, name: str, data: bytes) -> bool:
-        os.makedirs(self.root, exist_ok=True)
-        path = self.path(name)
-        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path, tmp = self._temp_beside(name, data, durable=True)
         try:  # link() never replaces: of all processes linking one name, exactly one succeeds (NFS too)
             os.link(tmp, path)
             return True
