@@ -15,7 +15,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,30 +29,19 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from conftest import S3Server, _free_port  # noqa: E402
+from conftest import S3Server, _free_port, start_moto  # noqa: E402
 from faultharness import crash_trials_local, crash_trials_s3, crash_trials_tiers, flaky_saves  # noqa: E402
 
 BAD = ("checkpoints lost", "corrupt loads", "undetected damage", "reported saved but missing", "phantom",
        "leftovers", "hostile cases that broke a promise", "restarts that did not", "kept checkpoints not uploaded")
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], S3Server]:
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
-    if exe is None:
-        sys.exit("moto_server not found: install the dev extra (moto[server])")
+def start_server() -> tuple[subprocess.Popen[bytes], S3Server]:
     port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, S3Server(f"http://127.0.0.1:{port}")
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                sys.exit("moto_server did not start")
-            time.sleep(0.1)
+    try:
+        return start_moto(port), S3Server(f"http://127.0.0.1:{port}")
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def section(title: str, figures: Counter[str] | dict[str, int], secs: float) -> None:
@@ -69,7 +57,7 @@ def main() -> int:
     args = ap.parse_args()
     n_crash, n_flaky = (40, 20) if args.quick else (200, 100)
     totals: Counter[str] = Counter()
-    moto, server = start_moto()
+    moto, server = start_server()
     work = Path(tempfile.mkdtemp(prefix="autockpt-reliability-"))
     try:
         import pytest

@@ -82,25 +82,34 @@ class S3Server:
         return name
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto_server process serving S3 on 127.0.0.1, for the whole session."""
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    """A moto_server process serving S3 on 127.0.0.1:``port``, once it accepts connections (RuntimeError if not
+    within 30 s). Used by the ``s3_server`` fixture, tests that stop and restart the server, and benchmarks."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if exe is None:
-        pytest.fail("moto_server not found: install the dev extra (moto[server])")
-    port = _free_port()
+        raise RuntimeError("moto_server not found: install the dev extra (moto[server])")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                pytest.fail("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto_server process serving S3 on 127.0.0.1, for the whole session."""
+    port = _free_port()
+    try:
+        proc = start_moto(port)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     try:
         yield S3Server(f"http://127.0.0.1:{port}")
     finally:

@@ -135,19 +135,23 @@ def test_stalled_upload_request_times_out_warns_and_is_retried(s3_server: Any, t
             assert time.monotonic() < deadline, "a stalled upload must fail with a warning, not hang"
             time.sleep(0.1)
         proxy.unstall()
-        deadline = time.monotonic() + 120
-        while True:  # the error is reported until the retry (backoff up to 30 s) succeeds
-            try:
-                if mgr.wait_until_finished(timeout=1):
-                    break
-            except SaveError:
-                assert time.monotonic() < deadline, "the upload must finish once the remote answers again"
-                time.sleep(0.5)
+        _wait_uploaded_once_the_remote_answers(mgr)
         assert mgr.durable_step == 1
         mgr.close()
         assert proxy.stalled >= 1
     assert any("Timeout" in r.message for r in caplog.records), [r.message for r in caplog.records]
     assert float(autockpt.load(url, storage_options=s3_server.storage_options)["w"][0]) == 1.0
+
+
+def _wait_uploaded_once_the_remote_answers(mgr: autockpt.CheckpointManager) -> None:
+    deadline = time.monotonic() + 120
+    while True:  # the error is reported until the retry (backoff up to 30 s) succeeds
+        try:
+            if mgr.wait_until_finished(timeout=1):
+                return
+        except SaveError:
+            assert time.monotonic() < deadline, "the upload must finish once the remote answers again"
+            time.sleep(0.5)
 
 
 @pytest.mark.skipif(not FULL, reason="a persistent stall takes minutes of retries: AUTOCKPT_FULL=1")
@@ -163,13 +167,6 @@ def test_persistently_stalled_uploads_surface_in_wait_until_finished(s3_server: 
             mgr.wait_until_finished(timeout=600)
         assert (tmp_path / "l" / "step_0000000001" / "manifest.json").exists(), "the local copy must stay"
         proxy.unstall()
-        deadline = time.monotonic() + 120
-        while True:  # the error is reported until the retry (backoff up to 30 s) succeeds
-            try:
-                if mgr.wait_until_finished(timeout=1):
-                    break
-            except SaveError:
-                assert time.monotonic() < deadline, "the upload must finish once the remote answers again"
-                time.sleep(0.5)
+        _wait_uploaded_once_the_remote_answers(mgr)
         assert mgr.durable_step == 1
         mgr.close()

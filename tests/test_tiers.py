@@ -27,6 +27,9 @@ import autockpt
 from autockpt.errors import InvalidArgumentError
 from autockpt.storage import open_storage
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import start_moto  # noqa: E402
+
 FULL = os.environ.get("AUTOCKPT_FULL") == "1"
 SCRIPT = Path(__file__).parent / "scripts" / "tiers_train.py"
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -146,21 +149,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _moto(port: int) -> subprocess.Popen[bytes]:
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
-    assert exe is not None
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
-        except OSError:
-            assert time.time() < deadline and proc.poll() is None, "moto_server did not start"
-            time.sleep(0.1)
-
-
 def _bucket(endpoint: str, name: str) -> None:
     import botocore.session
 
@@ -176,7 +164,7 @@ def test_remote_outage_training_goes_on_and_the_backlog_uploads(tmp_path: Path,
     endpoint = f"http://127.0.0.1:{port}"
     opts = {"key": "testing", "secret": "testing",
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    server = _moto(port)
+    server = start_moto(port)
     try:
         _bucket(endpoint, "outage")
         url = "s3://outage/run"
@@ -193,7 +181,7 @@ def test_remote_outage_training_goes_on_and_the_backlog_uploads(tmp_path: Path,
                 assert mgr.save(step, {"w": w}), "a save must not fail while only the remote is down"
             assert mgr.wait_until_finished(timeout=0.5) is False
             assert set(local_steps(tmp_path / "l")) >= {5, 6, 7}, "nothing the policy keeps may be lost"
-            server = _moto(port)
+            server = start_moto(port)
             _bucket(endpoint, "outage")
             assert mgr.wait_until_finished(timeout=120)
             mgr.close()
