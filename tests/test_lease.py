@@ -331,3 +331,47 @@ def test_a_collector_that_lost_the_lease_deletes_nothing(tmp_path: Path) -> None
     target = {"frozen": np.zeros(256, np.float32), "w": np.zeros(8, np.float32)}
     assert new.restore(target) == 2 and (target["w"] == 2).all() and (target["frozen"] == 1).all()
     new.close()
+
+
+def test_the_start_up_cleanup_runs_under_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: a new manager removes the leftovers it finds (partial steps, unreferenced packs) only while it
+    holds the writer lease. Here the old writer, paused past its lease with a save in flight, wakes up at the
+    moment the new manager starts deleting: it must find the lease taken (fenced), not take it back and then see
+    the files of its save deleted under it."""
+    from autockpt.storage import BLOBS_DIR
+    from autockpt.storage.local import LocalStorage
+
+    url = tmp_path / "run"
+    old = autockpt.CheckpointManager(url, lease_ttl=1.0, max_to_keep=1)
+    assert old.save(1, {"w": np.full(8, 1, np.float32)})
+    old._lease._stop.set()  # paused: no more renewals
+    assert old._lease._thread is not None
+    old._lease._thread.join()
+    pack = url / BLOBS_DIR / "0123456789abcdef0123456789abcdef.safetensors"
+    in_flight = [url / ".tmp-step_0000000002-deadbeef", pack]
+    in_flight[0].mkdir()
+    (in_flight[0] / "tensors.safetensors").write_bytes(b"half a payload")
+    in_flight[1].write_bytes(b"a pack of step 2, its manifest not committed yet")
+    time.sleep(1.3)  # its lease expires
+    woke: list[str] = []
+    real = LocalStorage.cleanup
+
+    def cleanup_as_the_old_writer_wakes(self: LocalStorage, listing: Any) -> None:
+        if not woke:  # the old writer renews (takes the next generation if nobody holds the lease) right now
+            try:
+                old._lease.check()
+                woke.append("took the lease back")
+            except LeaseError:
+                woke.append("fenced")
+        real(self, listing)
+
+    monkeypatch.setattr(LocalStorage, "cleanup", cleanup_as_the_old_writer_wakes)
+    new = autockpt.CheckpointManager(url, max_to_keep=1)
+    assert woke == ["fenced"], "the new manager deleted files while the old writer could take the lease back"
+    assert not any(p.exists() for p in in_flight)  # removed, under the new manager's lease
+    with pytest.raises(LeaseError):
+        old.save(3, {"w": np.full(8, 3, np.float32)})
+    target = {"w": np.zeros(8, np.float32)}
+    assert new.restore(target) == 1 and (target["w"] == 1).all()
+    assert new.save(4, {"w": np.full(8, 4, np.float32)})
+    new.close()

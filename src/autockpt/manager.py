@@ -38,7 +38,7 @@ from autockpt.format import (
     new_manifest,
     paused_gc,
 )
-from autockpt.lease import WriterLease
+from autockpt.lease import LEASE_NAME, WriterLease
 from autockpt.options import ManagerOptions, check_directory
 from autockpt.payload import StoredContent, shared_content, write_deduplicated
 from autockpt.per_rank import PerRank
@@ -206,9 +206,8 @@ class CheckpointManager:
             if self.storage.root_is_file():
                 raise StorageAccessError(f"{self.directory} is a file, not a directory: give the path of a "
                                          "directory for the checkpoints (it is created if missing)")
-            if self._coord.is_writer and not self._lease.live_other(self._lease.read()):  # not under another writer
-                self._cleanup()  # leftovers of a crash (never a committed checkpoint) and unreferenced packs
-                self._lease.remove_stale()  # a dead writer's lease file of an older autockpt
+            if self._coord.is_writer:
+                self._clean_at_start()
         except Exception as e:
             why = access_problem(e)  # no credentials, say: not retried, not found out three saves later
             if why is None:
@@ -429,6 +428,36 @@ class CheckpointManager:
                 return SaveError(f"cannot write to {self.directory}: {e!r}")
             raise
         return None
+
+    def _clean_at_start(self) -> None:
+        """Remove a crash's leftovers (never a committed checkpoint) and unreferenced packs when the manager is
+        created, under the writer lease, taken for it and released after: without it, a writer that takes the lease
+        meanwhile (a paused one waking up, one started at the same moment) could see its files deleted. Nothing
+        is removed while another live process holds the lease; another manager of this process is taken over
+        as before (a notebook cell run again)."""
+        lease = self._lease.read()
+        if self._lease.live_other(lease):
+            return
+        listing = self.storage.scan()
+        if not (listing.uncommitted or listing.temporary or self._blobs.packs() or self._blobs.leftovers()
+                or self.storage.exists(LEASE_NAME)):
+            return  # nothing to clean: the lease is left for the first save (or acquire) to take
+        if lease is not None and lease.get("pid") == self._lease.me["pid"] and lease.get("host") == \
+                self._lease.me["host"] and not lease.get("released") and time.time() < lease.get("expires", 0):
+            self._cleanup()  # held by another manager of this process: no other process can write here
+            self._lease.remove_stale()
+            return
+        try:
+            self._lease.acquire()
+        except LeaseError:
+            return  # another writer took it at this moment: what is there may be its own
+        except OSError:
+            return  # a directory this process cannot write (a reader): the writer cleans up
+        try:
+            self._cleanup()
+            self._lease.remove_stale()  # a dead writer's lease file of an older autockpt
+        finally:
+            self._lease.release()
 
     def _cleanup(self) -> None:
         """Remove leftovers of interrupted saves and finish an interrupted collection (the writer, no save in
