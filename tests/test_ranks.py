@@ -25,6 +25,8 @@ pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+import autockpt  # noqa: E402  (after the skips)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ROOT / "tests" / "scripts" / "dist_exact.py"
 WORKER = ROOT / "tests" / "scripts" / "dist_worker.py"
@@ -182,9 +184,24 @@ def test_a_rank_that_never_reaches_save_is_named_within_rank_timeout(tmp_path: P
     assert error["secs"] < 30, error  # rank_timeout=3, not the process group's 60 s
 
 
-def torchrun_2_nodes(tmp: Path, out: Path, ckpt: Path) -> list[subprocess.Popen[bytes]]:
-    """``torchrun --nnodes 2`` on 127.0.0.1: two node agents (one process each), each in its own node-local
-    working directory, one shared checkpoint directory."""
+def test_a_rank_that_stops_stepping_under_autockpt_resume_is_named_within_rank_timeout(tmp_path: Path) -> None:
+    """``autockpt.resume`` checks every rank in at each step boundary: rank 1 hangs in its loop body after step
+    2's update; rank 0 raises ``SaveError`` naming rank 1 after ``rank_timeout=3`` instead of the process group's
+    60 s ``RuntimeError``."""
+    out = tmp_path / "out"
+    codes = wait(launch(WORKER, 2, out, "resume_hang", str(out), str(tmp_path / "ckpt")), out)
+    assert codes[0] == 0, logs(out)
+    res = json.loads((out / "result-0.json").read_text())
+    error = res["error"]
+    assert error is not None and error["type"] == "SaveError", res
+    assert error["failed_ranks"] == [1] and "rank(s) [1] did not reach the end of step 2" in error["message"], error
+    assert res["trained"] == 2 and error["secs"] < 30, (res, error)
+
+
+def torchrun_2_nodes(tmp: Path, out: Path, url: str, opts: dict[str, Any], delay: str) -> list[subprocess.Popen[bytes]]:
+    """``torchrun --nnodes 2`` on 127.0.0.1: two node agents (one process each), each in its own working
+    directory with its own node-local checkpoint directory (``local_dir``: tmp/node<n>/local) in front of one
+    remote (``url``, an S3 server)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
@@ -194,30 +211,49 @@ def torchrun_2_nodes(tmp: Path, out: Path, ckpt: Path) -> list[subprocess.Popen[
         env = {k: v for k, v in _env(0, 2, port).items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                                        "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                                                        "MASTER_PORT")}
+        env.update(AUTOCKPT_TEST_LOCAL_DIR=str(local / "local"), AUTOCKPT_TEST_STORAGE_OPTIONS=json.dumps(opts))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
              "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-             str(EXACT), str(out), str(ckpt), "per_rank", "0.05"],
+             str(EXACT), str(out), url, "per_rank", delay],
             cwd=local, env=env, stdout=open(out / f"log-node{node}.txt", "a"), stderr=subprocess.STDOUT))
     return procs
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (4 processes): AUTOCKPT_FULL=1")
-def test_torchrun_two_nodes_preempted_on_one_node_resumes_bit_identically(
-        tmp_path: Path, reference: dict[str, Any]) -> None:
-    """The multi-node path: SIGTERM to the worker of node 1 mid-epoch, then the same torchrun again."""
-    out, ckpt = tmp_path / "out", tmp_path / "shared_ckpt"
-    procs = torchrun_2_nodes(tmp_path, out, ckpt)
-    deadline = time.monotonic() + 2 * TIMEOUT
-    while len(records(out, 0)) < 8 or not (out / "pid-1").exists():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(out)
-        time.sleep(0.02)
-    os.kill(int((out / "pid-1").read_text()), signal.SIGTERM)
-    codes = wait(procs, out, 2 * TIMEOUT)
-    assert all(c != 0 for c in codes), (codes, logs(out))  # the agents report the workers' exit code 143
-    assert "autockpt: SIGTERM: saved step" in logs(out)
-    assert wait(torchrun_2_nodes(tmp_path, out, ckpt), out, 2 * TIMEOUT) == [0, 0], logs(out)
+@pytest.mark.parametrize("preempted", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
+                                                reason="long variant (two torchrun launches): AUTOCKPT_FULL=1")),
+])
+def test_torchrun_two_nodes_with_node_local_dirs_and_an_s3_remote(
+        tmp_path: Path, reference: dict[str, Any], s3_server: Any, preempted: bool) -> None:
+    """The multi-node path: each node's rank saves into its own node-local directory, the remote is S3. The
+    short variant runs through once; the long one sends SIGTERM to the worker of node 1 mid-epoch (step 8), then
+    runs the same torchrun again, which resumes. Every rank's steps and parameters equal the 1-node run's."""
+    out, url, opts = tmp_path / "out", f"s3://{s3_server.new_bucket()}/run", s3_server.storage_options
+    if preempted:
+        procs = torchrun_2_nodes(tmp_path, out, url, opts, "0.05")
+        deadline = time.monotonic() + 2 * TIMEOUT
+        while len(records(out, 0)) < 8 or not (out / "pid-1").exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(out)
+            time.sleep(0.02)
+        os.kill(int((out / "pid-1").read_text()), signal.SIGTERM)
+        codes = wait(procs, out, 2 * TIMEOUT)
+        assert all(c != 0 for c in codes), (codes, logs(out))  # the agents report the workers' exit code 143
+        assert "autockpt: SIGTERM: saved step" in logs(out)
+        assert len(records(out, 0)) < STEPS
+    assert wait(torchrun_2_nodes(tmp_path, out, url, opts, "0"), out, 2 * TIMEOUT) == [0, 0], logs(out)
     for r in (0, 1):
         got = effective(out, r, 0)
         assert [got[s] for s in range(STEPS)] == reference["steps"][r], r
         assert json.loads((out / f"final-{r}.json").read_text()) == reference["final"][r], r
+    for node in (0, 1):  # each node wrote its own rank's checkpoints into its own local directory
+        assert f"step_{STEPS:010d}" in os.listdir(tmp_path / f"node{node}" / "local"), node
+    remote = autockpt.CheckpointManager(url, storage_options=opts, distributed=False)
+    try:
+        assert remote.latest_step == STEPS  # the last step reached the remote
+        names = {p.rsplit("/", 1)[-1] for p in remote.storage.fs.ls(remote.storage.path(f"step_{STEPS:010d}"),
+                                                                     detail=False)}
+        assert {"manifest.json", "rank-00001.safetensors"} <= names, names  # node 1's rank uploaded its own
+    finally:
+        remote.close()

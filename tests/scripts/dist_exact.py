@@ -8,6 +8,8 @@ Every rank seeds its own generators differently (as a job that does not seed the
 Python's, NumPy's and torch's generators each step (dropout, noise), and appends one JSON line per step to
 OUT/steps-<rank>.jsonl: the step, the loss (float.hex) and the sample ids. A finished run writes its parameters
 (float.hex) to OUT/final-<rank>.json. A preempted run ends with exit code 143 (``run.epochs``).
+With AUTOCKPT_TEST_LOCAL_DIR set, CKPT is the remote tier behind that node-local directory (``local_dir``), with
+the storage options in AUTOCKPT_TEST_STORAGE_OPTIONS (JSON; an S3 server's).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,11 +50,15 @@ def main() -> None:
     random.seed(100 + rank)  # each rank its own random streams
     np.random.seed(100 + rank)
     torch.manual_seed(100 + rank)
+    tiers: dict[str, Any] = {}
+    if os.environ.get("AUTOCKPT_TEST_LOCAL_DIR"):
+        tiers = {"local_dir": os.environ["AUTOCKPT_TEST_LOCAL_DIR"],
+                 "storage_options": json.loads(os.environ.get("AUTOCKPT_TEST_STORAGE_OPTIONS", "{}"))}
     if MODE == "per_rank":
-        run = autockpt.resume(CKPT, model=model, optimizer=opt, data=loader, every_n_steps=4)
+        run = autockpt.resume(CKPT, model=model, optimizer=opt, data=loader, every_n_steps=4, **tiers)
     else:
         run = autockpt.resume(CKPT, model=model, optimizer=opt, data=loader, every_n_steps=4, rng=False,
-                              state={"rng0": autockpt.RNGState()})
+                              state={"rng0": autockpt.RNGState()}, **tiers)
     with open(os.path.join(OUT, f"steps-{rank}.jsonl"), "a") as log:
         for _epoch in run.epochs(EPOCHS):
             for ids, x, y in loader:

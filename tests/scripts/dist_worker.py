@@ -281,6 +281,20 @@ def run() -> None:
                     time.sleep(0.1)
                 os._exit(0)
             result["error"] = error_of(lambda: mgr.save(2, {"x": torch.zeros(2)}))
+    elif SCENARIO == "resume_hang":  # autockpt.resume: rank 1 hangs in its loop body after step 2's update
+        model, opt = ddp_model(0)
+
+        def loop() -> None:
+            with autockpt.resume(CKPT, model=model, optimizer=opt, every_n_steps=10**6, rank_timeout=3) as run:
+                for step in run.steps(10):
+                    train(model, opt, 1, step + 1)
+                    result["trained"] = step + 1
+                    if RANK == 1 and step == 1:
+                        while not os.path.exists(os.path.join(OUT, "result-0.json")):
+                            time.sleep(0.1)
+                        os._exit(0)
+
+        result["error"] = error_of(loop)
     elif SCENARIO == "tiers_save":  # ARG: the parent of the ranks' local dirs; steps 1..3, each waited for
         opts = json.loads(os.environ["AUTOCKPT_TEST_STORAGE_OPTIONS"])
         mgr = autockpt.CheckpointManager(CKPT, storage_options=opts, local_dir=os.path.join(ARG, f"rank{RANK}"),
