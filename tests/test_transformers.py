@@ -83,7 +83,8 @@ def _env() -> dict[str, str]:
 def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: bool = False,
          timeout: float = 240) -> tuple[int, str]:
     """The identical command every time; with ``kill=(signal, step)`` the signal is sent once the child printed
-    that step (under DDP, to rank 1, which does not print). Returns (exit code, stderr)."""
+    that step (under DDP, SIGTERM to rank 1, which does not print; SIGKILL to the whole process group). Returns
+    (exit code, stderr)."""
     args = [str(SCRIPT), case, str(tmp / "ckpt"), str(tmp), "0.05" if kill else "0"]
     if ddp:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), *args]
@@ -98,7 +99,10 @@ def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: bool = 
                 if line.startswith("PID "):
                     pids[line.split()[1]] = int(line.split()[2])
                 if kill is not None and not sent and line.startswith("STEP ") and int(line.split()[1]) >= kill[1]:
-                    os.kill(pids["1"] if ddp else proc.pid, kill[0])
+                    if ddp and kill[0] == signal.SIGKILL:
+                        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: torchrun and both ranks
+                    else:
+                        os.kill(pids["1"] if ddp else proc.pid, kill[0])
                     sent = True
             rc = proc.wait(timeout=timeout)
         finally:
@@ -160,27 +164,44 @@ def test_killed_mid_epoch_then_identical_command_resumes_bit_identically(
     _check_same_as_reference(case, tmp_path, ref, seed, restored)
 
 
-@pytest.mark.skipif(not FULL, reason="three 2-process torchrun runs (about a minute): AUTOCKPT_FULL=1")
-def test_ddp_two_processes_sigterm_to_one_rank_then_resume_bit_identically(seed: int, tmp_path: Path) -> None:
+DDP_KILLS = [signal.SIGTERM, signal.SIGKILL] if FULL else [signal.SIGTERM]
+
+
+@pytest.mark.parametrize("sig", DDP_KILLS, ids=[s.name for s in DDP_KILLS])
+def test_ddp_two_processes_killed_then_resume_bit_identically_per_rank(
+        sig: signal.Signals, seed: int, tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo), each rank seeded apart (its own dropout masks): SIGTERM to rank 1 (both
+    ranks save the same step and stop) or SIGKILL of the whole group, then the identical command. Every rank must
+    get its own RNGs back: with rank 0's on both, rank 1's dropout after the resume differs and so do the weights."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
     rc, err = _run("lora", ref_dir, ddp=True)
     assert rc == 0, err[-3000:]
-    at = random.Random(seed).randrange(2, 10)  # 12 steps: 3 epochs of 4 updates per rank
-    why = f"(DDP, SIGTERM to rank 1 after step {at}, seed {seed})"
-    rc, err = _run("lora", run_dir, kill=(signal.SIGTERM, at), ddp=True)
-    assert rc != 0, why  # the ranks exit with 143, which torchrun reports as a failure
-    saved = [_runs(run_dir)[0]["step"], json.loads((run_dir / "runs.rank1.jsonl").read_text().splitlines()[0])["step"]]
-    assert saved[0] == saved[1] >= at and err.count(f"autockpt: SIGTERM: saved step {saved[0]} to") == 2, why
+    at = random.Random(seed).randrange(3, 10)  # 12 steps: 3 epochs of 4 updates per rank; saves every 3
+    why = f"(DDP, {sig.name} after step {at}, seed {seed})"
+    rc, err = _run("lora", run_dir, kill=(sig, at), ddp=True)
+    assert rc != 0, why  # the ranks exit with 143 (or were killed), which torchrun reports as a failure
+    steps = autockpt.CheckpointManager(str(run_dir / "ckpt")).all_steps()
+    if sig == signal.SIGTERM:
+        saved = [_runs(run_dir)[0]["step"],
+                 json.loads((run_dir / "runs.rank1.jsonl").read_text().splitlines()[0])["step"]]
+        assert saved[0] == saved[1] >= at and max(steps) == saved[0], why
+        assert err.count(f"autockpt: SIGTERM: saved step {saved[0]} to") == 2, why
+    assert steps, f"no checkpoint before the kill {why}"
+    restored = max(steps)
+    rngs = autockpt.load(str(run_dir / "ckpt"), restored)["rng"]  # one entry per rank, and they differ
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), why
     rc, err = _run("lora", run_dir, ddp=True)
     assert rc == 0, f"{why}: {err[-3000:]}"
     ref, got = load_file(ref_dir / "final.safetensors"), load_file(run_dir / "final.safetensors")
-    assert all(torch.equal(ref[k], got[k]) for k in ref), f"final weights differ {why}"
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"final weights differ from the uninterrupted run {why}: {different[:5]}"
     for name in ("runs.jsonl", "runs.rank1.jsonl"):
         want = json.loads((ref_dir / name).read_text().splitlines()[-1])
         have = json.loads((run_dir / name).read_text().splitlines()[-1])
-        assert have["restored"] == saved[0] and have["log_history"][:-1] == want["log_history"][:-1], why
+        assert have["restored"] == restored and have["step"] == want["step"], why
+        assert have["log_history"][:-1] == want["log_history"][:-1], f"{name}: log history differs {why}"
         assert have["loaded"] == want["loaded"][len(want["loaded"]) - len(have["loaded"]):], why
 
 

@@ -54,6 +54,7 @@ import xxhash
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.manager import CheckpointManager
 from autockpt.options import ManagerOptions, check_bool, check_directory, check_positive
+from autockpt.per_rank import PerRank
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -136,6 +137,28 @@ def _content_hash(tensors: Mapping[str, Any]) -> dict[str, Any]:
         h.update(memoryview(data))
         nbytes += data.nbytes
     return {"xxh3_64": h.hexdigest(), "tensors": len(tensors), "bytes": nbytes}
+
+
+class _HeldRNG(RNGState):
+    """A restore target for the RNGs that holds them until Trainer's moment to load them (after the first resumed
+    batch is drawn). On a rank beyond those that saved, the manager asks it to derive the rank's own stream."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self.derive_rank: int | None = None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def derive_for_rank(self, rank: int) -> None:
+        self.derive_rank = rank
+
+    def apply(self) -> None:
+        """Put the held state into the process's generators (then derive this rank's stream if it has none)."""
+        if self.state is not None:
+            RNGState().load_state_dict(self.state)
+            if self.derive_rank is not None:
+                RNGState().derive_for_rank(self.derive_rank)
 
 
 # --------------------------------------------------------------------------------- the callback
@@ -365,7 +388,9 @@ class AutoCheckpoint(TrainerCallback):
         """The checkpoint of ``step`` (newest that verifies if None), checksums verified, as plain values."""
         assert self._manager is not None
         target: dict[str, Any] = {k: {} for k in _STATE_KEYS}
+        target["rng"] = PerRank(_HeldRNG())  # this rank's own RNGs (every rank's were saved)
         got = self._manager.restore(target, step)
+        target["rng"] = target["rng"].value
         return got, target
 
     def _restore(self, trainer: Any) -> str | None:
@@ -452,7 +477,7 @@ class AutoCheckpoint(TrainerCallback):
     def _load_rng(self) -> None:
         rng = self._pending.pop("rng", None)
         if rng is not None:
-            RNGState().load_state_dict(rng)
+            rng.apply()
 
     def _load_best_model(self, trainer: Any) -> None:
         best = trainer.state.best_global_step
@@ -532,7 +557,7 @@ class AutoCheckpoint(TrainerCallback):
             step,
             {"model": weights, "optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler,
              "scaler": scaler.state_dict() if scaler is not None else None, "trainer_state": trainer_state,
-             "rng": RNGState(), "frozen": self._frozen_hash},
+             "rng": PerRank(RNGState()), "frozen": self._frozen_hash},
             metrics=metrics, force=True,
             metadata={"integration": "transformers", "epoch": state.epoch,
                       "training_args": json.loads(trainer.args.to_json_string())},
