@@ -23,7 +23,8 @@ How it hooks into Trainer (transformers 5.x; see ``SUPPORTED_TRANSFORMERS``):
   ``trainer_state.json`` (JSON) in a temporary directory. An explicit ``resume_from_checkpoint`` still wins.
 - Saving: wherever Trainer would write ``checkpoint-N`` (after the step's logging and evaluation, so the
   log history and best metric are in), autockpt saves instead: the trainable weights (for a PEFT model the
-  adapter), buffers, optimizer, LR scheduler, GradScaler, ``TrainerState`` and the Python/NumPy/torch RNGs,
+  adapter), buffers, optimizer, LR scheduler, GradScaler, ``TrainerState`` and every rank's Python/NumPy/torch RNGs
+  (``PerRank``: under DDP each rank restores its own),
   tensors in safetensors and the rest as JSON, never pickle. The frozen parameters (a PEFT base model) are
   not written: their content hash is, and a resume onto a different base raises ``StateMismatchError``.
 - Preemption: SIGTERM/SIGUSR1 set a flag; at the end of the current step the callback saves and stops
