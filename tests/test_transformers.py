@@ -80,17 +80,27 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: bool = False,
+def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: str | None = None,
          timeout: float = 240) -> tuple[int, str]:
     """The identical command every time; with ``kill=(signal, step)`` the signal is sent once the child printed
-    that step (under DDP, to rank 1, which does not print). Returns (exit code, stderr)."""
+    that step (under DDP, SIGTERM to rank 1, which does not print; SIGKILL to the whole process group). Returns
+    (exit code, stderr). ``ddp="torchrun"``: ``torchrun --nproc-per-node 2``; ``ddp="direct"``: the two ranks
+    started here with the environment torchrun would give them (one interpreter start less per run)."""
     args = [str(SCRIPT), case, str(tmp / "ckpt"), str(tmp), "0.05" if kill else "0"]
-    if ddp:
-        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), *args]
+    port = str(_free_port())
+    if ddp == "torchrun":
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, *args]
+    ranks = [{}] if ddp != "direct" else [
+        {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for r in range(2)]
     with open(tmp / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=_env(),
-                                start_new_session=True)
-        pids: dict[str, int] = {}
+        procs: list[subprocess.Popen[str]] = []
+        for r, extra in enumerate(ranks):  # one process group: rank 0 leads it
+            procs.append(subprocess.Popen(
+                [sys.executable, *args], stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=err,
+                text=True, env={**_env(), **extra}, process_group=0 if r == 0 else procs[0].pid))
+        proc = procs[0]
+        pids: dict[str, int] = {str(r): p.pid for r, p in enumerate(procs)}
         sent = False
         try:
             assert proc.stdout is not None
@@ -98,13 +108,18 @@ def _run(case: str, tmp: Path, kill: tuple[int, int] | None = None, ddp: bool = 
                 if line.startswith("PID "):
                     pids[line.split()[1]] = int(line.split()[2])
                 if kill is not None and not sent and line.startswith("STEP ") and int(line.split()[1]) >= kill[1]:
-                    os.kill(pids["1"] if ddp else proc.pid, kill[0])
+                    if ddp and kill[0] == signal.SIGKILL:
+                        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: every rank (and torchrun)
+                    else:
+                        os.kill(pids["1"] if ddp else proc.pid, kill[0])
                     sent = True
-            rc = proc.wait(timeout=timeout)
+            codes = [p.wait(timeout=timeout) for p in procs]
         finally:
-            if proc.poll() is None:
+            if any(p.poll() is None for p in procs):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                for p in procs:
+                    p.wait()
+    rc = next((c for c in codes if c != 0), 0)
     return rc, (tmp / "stderr").read_text()
 
 
@@ -160,28 +175,51 @@ def test_killed_mid_epoch_then_identical_command_resumes_bit_identically(
     _check_same_as_reference(case, tmp_path, ref, seed, restored)
 
 
-@pytest.mark.skipif(not FULL, reason="three 2-process torchrun runs (about a minute): AUTOCKPT_FULL=1")
-def test_ddp_two_processes_sigterm_to_one_rank_then_resume_bit_identically(seed: int, tmp_path: Path) -> None:
+# By default the two ranks are started directly (torchrun's environment, without its launcher process). Three
+# launches of two ranks; each rank spends ~13 s of CPU importing torch/transformers/peft and ~2 s training, so about
+# 40 s on 2 idle cores. AUTOCKPT_FULL=1 adds torchrun itself, with SIGTERM to rank 1 and SIGKILL of the group.
+DDP_KILLS = [("direct", signal.SIGTERM)] + ([("torchrun", signal.SIGTERM), ("torchrun", signal.SIGKILL)]
+                                           if FULL else [])
+
+
+@pytest.mark.parametrize("launch,sig", DDP_KILLS, ids=[f"{la}-{s.name}" for la, s in DDP_KILLS])
+def test_ddp_two_processes_killed_then_resume_bit_identically_per_rank(
+        launch: str, sig: signal.Signals, seed: int, tmp_path: Path) -> None:
+    """2 CPU processes (gloo), each rank seeded apart (its own dropout masks): SIGTERM to rank 1 (both
+    ranks save the same step and stop) or SIGKILL of the whole group, then the identical command. Every rank must
+    get its own RNGs back: with rank 0's on both, rank 1's dropout after the resume differs and so do the weights."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
-    rc, err = _run("lora", ref_dir, ddp=True)
+    rc, err = _run("lora", ref_dir, ddp=launch)
     assert rc == 0, err[-3000:]
-    at = random.Random(seed).randrange(2, 10)  # 12 steps: 3 epochs of 4 updates per rank
-    why = f"(DDP, SIGTERM to rank 1 after step {at}, seed {seed})"
-    rc, err = _run("lora", run_dir, kill=(signal.SIGTERM, at), ddp=True)
-    assert rc != 0, why  # the ranks exit with 143, which torchrun reports as a failure
-    saved = [_runs(run_dir)[0]["step"], json.loads((run_dir / "runs.rank1.jsonl").read_text().splitlines()[0])["step"]]
-    assert saved[0] == saved[1] >= at and err.count(f"autockpt: SIGTERM: saved step {saved[0]} to") == 2, why
-    rc, err = _run("lora", run_dir, ddp=True)
+    at = random.Random(seed).randrange(3, 10)  # 12 steps: 3 epochs of 4 updates per rank; saves every 3
+    why = f"(DDP via {launch}, {sig.name} after step {at}, seed {seed})"
+    rc, err = _run("lora", run_dir, kill=(sig, at), ddp=launch)
+    assert rc != 0, why  # the ranks exit with 143 (or were killed), which torchrun reports as a failure
+    steps = autockpt.CheckpointManager(str(run_dir / "ckpt")).all_steps()
+    if sig == signal.SIGTERM:
+        saved = [_runs(run_dir)[0]["step"],
+                 json.loads((run_dir / "runs.rank1.jsonl").read_text().splitlines()[0])["step"]]
+        assert saved[0] == saved[1] >= at and max(steps) == saved[0], why
+        assert err.count(f"autockpt: SIGTERM: saved step {saved[0]} to") == 2, why
+    assert steps, f"no checkpoint before the kill {why}"
+    restored = max(steps)
+    rngs = autockpt.load(str(run_dir / "ckpt"), restored)["rng"]  # checked after the resume (below)
+    rc, err = _run("lora", run_dir, ddp=launch)
     assert rc == 0, f"{why}: {err[-3000:]}"
     ref, got = load_file(ref_dir / "final.safetensors"), load_file(run_dir / "final.safetensors")
-    assert all(torch.equal(ref[k], got[k]) for k in ref), f"final weights differ {why}"
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"final weights differ from the uninterrupted run {why}: {different[:5]}"
     for name in ("runs.jsonl", "runs.rank1.jsonl"):
         want = json.loads((ref_dir / name).read_text().splitlines()[-1])
         have = json.loads((run_dir / name).read_text().splitlines()[-1])
-        assert have["restored"] == saved[0] and have["log_history"][:-1] == want["log_history"][:-1], why
+        assert have["restored"] == restored and have["step"] == want["step"], why
+        assert have["log_history"][:-1] == want["log_history"][:-1], f"{name}: log history differs {why}"
         assert have["loaded"] == want["loaded"][len(want["loaded"]) - len(have["loaded"]):], why
+    # the checkpoint held one RNG state per rank, and they differ (else this test could not tell them apart)
+    assert isinstance(rngs, list) and len(rngs) == 2, f"{type(rngs).__name__} {why}"
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), why
 
 
 def test_lora_checkpoint_holds_the_adapter_and_the_base_models_hash(reference: dict[str, Any]) -> None:

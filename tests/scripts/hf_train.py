@@ -28,6 +28,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 from transformers import logging as hf_logging
 
@@ -54,13 +55,27 @@ class Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+def _say(line: str) -> None:
+    """One line to stdout in one write: under torchrun both ranks share the pipe, and print's separate writes of
+    the text and the newline could interleave ("PID 1 11619PID 0 11618")."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
 class Progress(TrainerCallback):
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Under DDP each rank draws its own dropout masks (as with accelerate's set_seed(..., device_specific=True)),
+        # so a resume is exact only if every rank gets its own RNGs back. On a resume, Trainer puts the saved RNGs
+        # back after this, when the first resumed batch is drawn.
+        if args.world_size > 1:
+            set_seed(args.seed + 1000 * args.process_index)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            print(f"STEP {state.global_step}", flush=True)
+            _say(f"STEP {state.global_step}")
         if self.delay:
             time.sleep(self.delay)
 
@@ -99,7 +114,7 @@ def build(case: str, ckpt_dir: str, out_dir: str, delay: float = 0.0, base_seed:
 
 def run(case: str, ckpt_dir: str, out_dir: str, delay: float = 0.0) -> None:
     trainer, cb, loaded = build(case, ckpt_dir, out_dir, delay)
-    print(f"PID {os.environ.get('RANK', '0')} {os.getpid()}", flush=True)
+    _say(f"PID {os.environ.get('RANK', '0')} {os.getpid()}")
     try:
         trainer.train()
     finally:  # also when the callback exits with 128 + signal after a preemption
@@ -113,7 +128,7 @@ def run(case: str, ckpt_dir: str, out_dir: str, delay: float = 0.0) -> None:
     if trainer.is_world_process_zero():
         save_file({k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()},
                   os.path.join(out_dir, "final.safetensors"))
-    print("DONE", flush=True)
+    _say("DONE")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ How it hooks into Trainer (transformers 5.x; see ``SUPPORTED_TRANSFORMERS``):
   ``trainer_state.json`` (JSON) in a temporary directory. An explicit ``resume_from_checkpoint`` still wins.
 - Saving: wherever Trainer would write ``checkpoint-N`` (after the step's logging and evaluation, so the
   log history and best metric are in), autockpt saves instead: the trainable weights (for a PEFT model the
-  adapter), buffers, optimizer, LR scheduler, GradScaler, ``TrainerState`` and the Python/NumPy/torch RNGs,
+  adapter), buffers, optimizer, LR scheduler, GradScaler, ``TrainerState`` and every rank's Python/NumPy/torch RNGs
+  (``PerRank``: under DDP each rank restores its own),
   tensors in safetensors and the rest as JSON, never pickle. The frozen parameters (a PEFT base model) are
   not written: their content hash is, and a resume onto a different base raises ``StateMismatchError``.
 - Preemption: SIGTERM/SIGUSR1 set a flag; at the end of the current step the callback saves and stops
@@ -54,6 +55,7 @@ import xxhash
 from autockpt.errors import InvalidArgumentError, StateMismatchError
 from autockpt.manager import CheckpointManager
 from autockpt.options import ManagerOptions, check_bool, check_directory, check_positive
+from autockpt.per_rank import PerRank
 from autockpt.preemption import PreemptionWatcher
 from autockpt.retention import KeepBest
 from autockpt.rng import RNGState
@@ -136,6 +138,28 @@ def _content_hash(tensors: Mapping[str, Any]) -> dict[str, Any]:
         h.update(memoryview(data))
         nbytes += data.nbytes
     return {"xxh3_64": h.hexdigest(), "tensors": len(tensors), "bytes": nbytes}
+
+
+class _HeldRNG(RNGState):
+    """A restore target for the RNGs that holds them until Trainer's moment to load them (after the first resumed
+    batch is drawn). On a rank beyond those that saved, the manager asks it to derive the rank's own stream."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self.derive_rank: int | None = None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def derive_for_rank(self, rank: int) -> None:
+        self.derive_rank = rank
+
+    def apply(self) -> None:
+        """Put the held state into the process's generators (then derive this rank's stream if it has none)."""
+        if self.state is not None:
+            RNGState().load_state_dict(self.state)
+            if self.derive_rank is not None:
+                RNGState().derive_for_rank(self.derive_rank)
 
 
 # --------------------------------------------------------------------------------- the callback
@@ -365,7 +389,9 @@ class AutoCheckpoint(TrainerCallback):
         """The checkpoint of ``step`` (newest that verifies if None), checksums verified, as plain values."""
         assert self._manager is not None
         target: dict[str, Any] = {k: {} for k in _STATE_KEYS}
+        target["rng"] = PerRank(_HeldRNG())  # this rank's own RNGs (every rank's were saved)
         got = self._manager.restore(target, step)
+        target["rng"] = target["rng"].value
         return got, target
 
     def _restore(self, trainer: Any) -> str | None:
@@ -452,7 +478,7 @@ class AutoCheckpoint(TrainerCallback):
     def _load_rng(self) -> None:
         rng = self._pending.pop("rng", None)
         if rng is not None:
-            RNGState().load_state_dict(rng)
+            rng.apply()
 
     def _load_best_model(self, trainer: Any) -> None:
         best = trainer.state.best_global_step
@@ -532,7 +558,7 @@ class AutoCheckpoint(TrainerCallback):
             step,
             {"model": weights, "optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler,
              "scaler": scaler.state_dict() if scaler is not None else None, "trainer_state": trainer_state,
-             "rng": RNGState(), "frozen": self._frozen_hash},
+             "rng": PerRank(RNGState()), "frozen": self._frozen_hash},
             metrics=metrics, force=True,
             metadata={"integration": "transformers", "epoch": state.epoch,
                       "training_args": json.loads(trainer.args.to_json_string())},
