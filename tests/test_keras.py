@@ -572,8 +572,16 @@ def _nothing_since(ck: Path, name: str, step: int) -> str:
             f"(exit code {128 + getattr(signal, name)})")
 
 
-def test_signal_in_validation_restore_and_callback_epoch_end(tmp_path: Path, windows: Any,
-                                                             window_baseline: Path) -> None:
+def test_signal_in_validation_restore_step_and_callback_epoch_end(tmp_path: Path, windows: Any,
+                                                                  window_baseline: Path) -> None:
+    signal_in_validation_restore_step_and_epoch_end(tmp_path, windows, window_baseline)
+
+
+def signal_in_validation_restore_step_and_epoch_end(tmp_path: Path, windows: Any, window_baseline: Path,
+                                                    step_window: bool = True) -> None:
+    """One run after another in one directory, each signalling itself at another moment, then to the end.
+    ``step_window=False`` leaves out the signal from inside ``train_step`` (on TensorFlow the step is a traced
+    ``tf.function``: Python code in it runs once, while tracing)."""
     ck, out = tmp_path / "ck", tmp_path / "run"
     newest = lambda: autockpt.CheckpointManager(ck).latest_step  # noqa: E731
     # during validation of epoch 0: validation finishes, the epoch-end checkpoint is committed, exit 143
@@ -584,10 +592,17 @@ def test_signal_in_validation_restore_and_callback_epoch_end(tmp_path: Path, win
     rc, stdout, stops = _window(windows, ck, out, "restore:SIGUSR1:0")
     assert (rc, stops, newest()) == (138, [_nothing_since(ck, "SIGUSR1", 4)], 4), stdout[-1500:]
     assert "BATCH" not in stdout and "AFTER FIT" not in stdout
+    # inside the training step that starts at step 6 (epoch 1, batch 2): that step finishes and is committed
+    if step_window:
+        rc, stdout, stops = _window(windows, ck, out, "step:SIGUSR1:6")
+        assert "STEPSIGNAL 6" in stdout, stdout[-1500:]
+        assert (rc, stops, newest()) == (138, [_saved(ck, "SIGUSR1", 7)], 7), stdout[-1500:]
+        assert "BATCH 1 2" in stdout and "BATCH 1 3" not in stdout and "AFTER FIT" not in stdout
     # in another callback's on_epoch_end (listed after AutoCheckpoint), epoch 1
     rc, stdout, stops = _window(windows, ck, out, "epoch_end:SIGTERM:1")
     assert (rc, stops, newest()) == (143, [_saved(ck, "SIGTERM", 8)], 8), stdout[-1500:]
-    assert "BATCH 1 0" in stdout and "BATCH 2 0" not in stdout
+    assert "BATCH 1 3" in stdout and "BATCH 2 0" not in stdout
+    assert ("BATCH 1 2" not in stdout) if step_window else ("BATCH 1 0" in stdout)
     rc, stdout, stops = _window(windows, ck, out, "none")  # the identical command, to the end
     assert (rc, stops) == (0, []), stdout[-1500:]
     assert "EPOCH_END 1" not in stdout and "EPOCH_END 3" in stdout

@@ -146,7 +146,7 @@ def tf_window_baseline(tf_windows: Any, tmp_path_factory: pytest.TempPathFactory
 
 def test_tf_signal_in_validation_restore_and_callback_epoch_end(tmp_path: Path, tf_windows: Any,
                                                                 tf_window_baseline: Path) -> None:
-    tk.test_signal_in_validation_restore_and_callback_epoch_end(tmp_path, tf_windows, tf_window_baseline)
+    tk.signal_in_validation_restore_step_and_epoch_end(tmp_path, tf_windows, tf_window_baseline, step_window=False)
 
 
 def test_tf_signal_while_async_save_in_flight_and_at_the_end(tmp_path: Path, tf_windows: Any,

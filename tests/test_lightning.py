@@ -369,18 +369,23 @@ def wreference(tmp_path_factory: pytest.TempPathFactory, windows_main: Any) -> P
     return tmp
 
 
-def _chain(d: str) -> list[tuple[str, int | None, str]]:
-    """(window, the newest checkpoint afterwards, the line it logs) for runs that each resume the previous one."""
-    saved = "autockpt: SIGTERM: saved step {} to " + d
+def _chain(d: str) -> list[tuple[str, int | None, str, str]]:
+    """(window, the newest checkpoint afterwards, the line it logs, the signal) for runs that each resume the
+    previous one; SIGUSR1 in two of the windows, SIGTERM in the others."""
+    saved = "saved step {} to " + d
     return [
-        ("sanity", None, f"autockpt: SIGTERM: no step completed and there is no checkpoint in {d}"),
-        ("step:2", 3, saved.format(3)),                  # inside a training step, mid-epoch
-        ("restore", 3, f"autockpt: SIGTERM: no step completed since step 3 (the newest checkpoint in {d})"),
-        ("save:4", 4, saved.format(4)),                  # during autockpt's own periodic save of step 4
-        ("val:1", 12, saved.format(12)),                 # first validation batch of epoch 1 (ends at step 12)
-        ("after:13", 14, saved.format(14)),              # a later callback, after AutoCheckpoint read its flag
-        ("end", W_STEPS, saved.format(W_STEPS)),         # the module's on_train_end, after the last save
+        ("sanity", None, f"no step completed and there is no checkpoint in {d}", "SIGTERM"),
+        ("step:2", 3, saved.format(3), "SIGTERM"),            # inside a training step, mid-epoch
+        ("restore", 3, f"no step completed since step 3 (the newest checkpoint in {d})", "SIGTERM"),
+        ("save:4", 4, saved.format(4), "SIGUSR1"),            # during autockpt's own periodic save of step 4
+        ("val:1", 12, saved.format(12), "SIGTERM"),           # first validation batch of epoch 1 (ends at step 12)
+        ("after:13", 14, saved.format(14), "SIGUSR1"),        # a later callback, after AutoCheckpoint read its flag
+        ("end", W_STEPS, saved.format(W_STEPS), "SIGTERM"),   # the module's on_train_end, after the last save
     ]
+
+
+def _sig_opts(sig: str) -> tuple[str, ...]:
+    return ("--usr1",) if sig == "SIGUSR1" else ()
 
 
 def _check_exact(tmp: Path, reference: Path) -> None:
@@ -398,18 +403,19 @@ def _check_exact(tmp: Path, reference: Path) -> None:
 @pytest.mark.timeout(300)
 def test_signal_in_every_window_commits_and_resumes_exactly(tmp_path: Path, wreference: Path, windows_main: Any,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    """SIGTERM sent by the run to itself at one exact moment per run; each run resumes the previous one."""
+    """SIGTERM or SIGUSR1 sent by the run to itself at one exact moment per run; each run resumes the previous one."""
     ckpt = tmp_path / "ckpt"
     chain = _chain(str(ckpt))
-    for i, (window, newest, line) in enumerate(chain):
-        cb, log, warned = _inproc(windows_main, tmp_path, caplog, "--at", window)
+    for i, (window, newest, line, sig) in enumerate(chain):
+        cb, log, warned = _inproc(windows_main, tmp_path, caplog, "--at", window, *_sig_opts(sig))
         run = _wlog(tmp_path)[-1]
+        code = 128 + getattr(signal, sig)
         assert f"SIGNAL {window}" in run, (window, run)
-        assert cb.preempted and cb.exit_code == 128 + signal.SIGTERM, window
-        assert run[-2].endswith("exit_code=143"), (window, run)
+        assert cb.preempted and cb.signal == getattr(signal, sig) and cb.exit_code == code, window
+        assert run[-2].endswith(f"exit_code={code}"), (window, run)
         assert autockpt.CheckpointManager(ckpt).latest_step == newest, window
-        assert [x for x in log.splitlines() if x.startswith("autockpt: SIGTERM")] == \
-            [f"{line}; stopping (exit code 143)"], (window, log)
+        assert [x for x in log.splitlines() if x.startswith("autockpt: SIG")] == \
+            [f"autockpt: {sig}: {line}; stopping (exit code {code})"], (window, log)
         if i >= 2:  # resumed: one INFO line; Lightning's "dataloader is not resumable" warning is silenced
             assert f"autockpt: resumed from step {chain[i - 1][1]} of {ckpt}" in log, (window, log)
             assert "not resumable" not in warned, (window, warned)
@@ -435,18 +441,19 @@ def test_epoch_boundary_checkpoint_resumes_exactly_with_max_steps(tmp_path: Path
 
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.environ.get("AUTOCKPT_FULL"), reason="long variant: set AUTOCKPT_FULL=1")
-def test_signal_in_every_window_exits_143_in_child_processes(tmp_path: Path, wreference: Path) -> None:
-    """The same chain in child processes with the default exit_on_preemption=True: exit code 143 each time."""
+def test_signal_in_every_window_exits_128_plus_signal_in_child_processes(tmp_path: Path, wreference: Path) -> None:
+    """The same chain in child processes with the default exit_on_preemption=True: exit code 128 + signal each time."""
     ckpt = tmp_path / "ckpt"
     chain = _chain(str(ckpt))
-    for window, newest, line in chain:
-        rc, err = _wrun(tmp_path, "--at", window)
+    for window, newest, line, sig in chain:
+        rc, err = _wrun(tmp_path, "--at", window, *_sig_opts(sig))
         run = _wlog(tmp_path)[-1]
-        assert rc == 128 + signal.SIGTERM, (window, rc, err[-3000:])
+        code = 128 + getattr(signal, sig)
+        assert rc == code, (window, rc, err[-3000:])
         assert "AFTER_FIT" not in run, (window, run)  # the user's code after fit did not run
         assert autockpt.CheckpointManager(ckpt).latest_step == newest, window
-        assert [x for x in err.splitlines() if x.startswith("autockpt: SIGTERM")] == \
-            [f"{line}; stopping (exit code 143)"], (window, err[-3000:])
+        assert [x for x in err.splitlines() if x.startswith("autockpt: SIG")] == \
+            [f"autockpt: {sig}: {line}; stopping (exit code {code})"], (window, err[-3000:])
     rc, err = _wrun(tmp_path)
     assert rc == 0, err
     _check_exact(tmp_path, wreference)

@@ -657,9 +657,14 @@ def test_a_signal_in_every_window_commits_the_newest_step_and_the_resumed_run_is
     _check_stopped(tmp_path, p, "SIGUSR1", f"saved step 12 to {ckpt}", [4, 8, 9, 12])
     assert max(losses) == 11 and "eval 2 " in p.stdout and "eval 3 " not in p.stdout
     seen.update(losses)
+    # in the body of step 13 (a training step, no save in flight): that step finishes and is saved
+    p, losses = _epochs_script(tmp_path, "--window", "step")
+    _check_stopped(tmp_path, p, "SIGTERM", f"saved step 14 to {ckpt}", [4, 8, 9, 12, 14])
+    assert sorted(losses) == [12, 13] and "eval 3 " not in p.stdout
+    seen.update(losses)
     # while the final checkpoint is written: it commits, and the process still ends with 143
     p, losses = _epochs_script(tmp_path, "--window", "final_save")
-    _check_stopped(tmp_path, p, "SIGTERM", f"saved step 18 to {ckpt}", [8, 9, 12, 16, 18])
+    _check_stopped(tmp_path, p, "SIGTERM", f"saved step 18 to {ckpt}", [9, 12, 14, 16, 18])
     assert max(losses) == 17 and not (tmp_path / "params.hex").exists()  # the code after the loop did not run
     seen.update(losses)
     _check_resumes_exactly(tmp_path, seen, epochs_reference)  # trains nothing, runs the code after the loop
@@ -667,6 +672,7 @@ def test_a_signal_in_every_window_commits_the_newest_step_and_the_resumed_run_is
 
 @pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="each window alone: AUTOCKPT_FULL=1")
 @pytest.mark.parametrize("window, sig, saved, committed", [
+    ("step", "SIGTERM", 14, [4, 8, 12, 14]),  # in a training step: that step finishes and is saved
     ("async", "SIGTERM", 9, [4, 8, 9]),  # the in-flight save of step 8 commits, then step 9
     ("eval", "SIGUSR1", 12, [4, 8, 12]),  # in evaluation: epoch 2's code finishes, then step 12 is saved
     ("last_step", "SIGTERM", 18, [4, 8, 12, 16, 18]),

@@ -4,8 +4,10 @@ Usage: keras_windows.py DIRECTORY OUT_PREFIX WINDOW [async]
    or: keras_windows.py --serve   (runs such lines from stdin, each in a new process: see ``serve``)
 
 WINDOW is ``none`` or ``NAME:SIGNAL:N``; the signal is sent by ``Signaller`` (listed after AutoCheckpoint,
-EarlyStopping and ReduceLROnPlateau) or, for ``restore``, by a profile hook:
+EarlyStopping and ReduceLROnPlateau), for ``restore`` by a profile hook, for ``step`` by ``model.train_step``:
 
+- ``step:SIG:S``            inside the training step that starts at step S (in ``model.train_step``, before its
+  forward pass: the signal arrives while Keras runs the step, not in a callback hook)
 - ``validation:SIG:E``      in the first validation batch of epoch E
 - ``epoch_end:SIG:E``       in the Signaller's ``on_epoch_end`` of epoch E (after AutoCheckpoint's own hook)
 - ``restore:SIG:0``         while AutoCheckpoint restores the checkpoint at the start of fit
@@ -130,6 +132,21 @@ class Signaller(keras.callbacks.Callback):
             self._send()
 
 
+def signal_in_train_step(model: keras.Model, sig: int, n: int) -> None:
+    """Send ``sig`` from inside ``model.train_step`` when the step that starts at step ``n`` runs (an instance
+    attribute: Keras' torch trainer calls ``self.train_step`` at every step)."""
+    train_step = model.train_step
+
+    def step(data: Any) -> Any:
+        if int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == n:
+            model.train_step = train_step
+            print(f"STEPSIGNAL {n}", flush=True)
+            os.kill(os.getpid(), sig)
+        return train_step(data)
+
+    model.train_step = step
+
+
 def signal_during_restore(sig: int) -> None:
     """Send ``sig`` when the restore starts assigning the model's variables (a profile hook, removed after)."""
     code = autockpt_keras.VariablesState.load_state_dict.__code__
@@ -158,6 +175,9 @@ def main(argv: list[str]) -> None:
         sig, n = getattr(signal, signame), int(num)
     if name == "restore":
         signal_during_restore(sig)
+        name = "sent"
+    if name == "step":
+        signal_in_train_step(model, sig, n)
         name = "sent"
     hist = model.fit(x[:N], y[:N], batch_size=BATCH, epochs=EPOCHS, validation_data=(x[N:], y[N:]), verbose=0,
                      callbacks=[ck, stop, plateau, Signaller(ck, name, sig, n)])

@@ -3,6 +3,7 @@
 Driven by tests/test_resume.py. Six batches per epoch, three epochs (18 steps), a save every 4 steps.
 ``--window``: where ``os.kill(os.getpid(), SIG)`` happens:
   restore     while the checkpoint is being restored at start (a state object's load_state_dict signals)
+  step        in the body of step 13 (the 2nd batch of epoch 3; no save in flight)
   async       in the body of step 8, just after the (async) save of step 8 was started
   eval        inside the per-epoch evaluation of epoch 2
   last_step   in the body of the very last step
@@ -86,7 +87,7 @@ for epoch in run.epochs(1, 4):
         loss.backward()
         opt.step()
         print(f"loss {step} {loss.item().hex()}", flush=True)
-        if (args.window == "async" and step == 8) or (args.window == "last_step" and step == 17):
+        if (args.window, step) in (("step", 13), ("async", 8), ("last_step", 17)):
             os.kill(os.getpid(), SIG)
     evaluate(epoch)
     sched.step()
