@@ -650,7 +650,7 @@ def test_a_signal_in_every_window_commits_the_newest_step_and_the_resumed_run_is
     # in step 8, while the async save of step 8 is in flight: it commits, then step 9
     p, losses = _epochs_script(tmp_path, "--window", "async")
     _check_stopped(tmp_path, p, "SIGTERM", f"saved step 9 to {ckpt}", [4, 8, 9])
-    assert max(losses) == 8
+    assert max(losses) == 8 and "INFLIGHT 8 yes" in p.stdout, p.stdout[-2000:]
     seen.update(losses)
     # in epoch 2's evaluation: the epoch's code finishes, then step 12 (the end of epoch 2) is saved
     p, losses = _epochs_script(tmp_path, "--window", "eval", "--signal", "SIGUSR1")
@@ -687,6 +687,7 @@ def test_a_signal_in_each_window_commits_the_newest_step_and_exits_128_plus_sign
     line = f"autockpt: {sig}: saved step {saved} to {tmp_path / 'ckpt'}; stopping (exit code {code})"
     assert line in p.stderr.splitlines(), p.stderr[-3000:]
     assert max(losses) == saved - 1  # no step ran past the one saved
+    assert window != "async" or "INFLIGHT 8 yes" in p.stdout, p.stdout[-2000:]
     assert autockpt.CheckpointManager(tmp_path / "ckpt").all_steps() == committed
     if window in ("last_step", "final_save"):
         assert not (tmp_path / "params.hex").exists()  # the code after the loop did not run

@@ -28,7 +28,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 from typing import Any
 
@@ -36,6 +35,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from hold_writes import HoldWrites  # noqa: E402
 
 from autockpt.integrations import keras as autockpt_keras  # noqa: E402
 
@@ -58,26 +58,6 @@ def build() -> keras.Model:
     ])
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     return model
-
-
-class HoldWrites:
-    """Holds every thread but the main one at its next ``os.fsync`` while ``holding`` (a profile hook for the
-    threads started after ``install``): a background save is then certainly still in flight."""
-
-    def __init__(self) -> None:
-        self.holding = False
-        self.released = threading.Event()
-
-    def install(self) -> None:
-        threading.setprofile(self._hook)
-
-    def _hook(self, frame: Any, event: str, arg: Any) -> None:
-        if event == "c_call" and arg is os.fsync and self.holding:
-            self.released.wait(60)
-
-    def release(self) -> None:
-        self.holding = False
-        self.released.set()
 
 
 class Signaller(keras.callbacks.Callback):

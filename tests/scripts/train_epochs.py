@@ -4,7 +4,8 @@ Driven by tests/test_resume.py. Six batches per epoch, three epochs (18 steps), 
 ``--window``: where ``os.kill(os.getpid(), SIG)`` happens:
   restore     while the checkpoint is being restored at start (a state object's load_state_dict signals)
   step        in the body of step 13 (the 2nd batch of epoch 3; no save in flight)
-  async       in the body of step 8, just after the (async) save of step 8 was started
+  async       in the body of step 8, while the (async) save of step 8 is still being written (``HoldWrites``
+              keeps its thread at its first fsync until the signal is sent; prints ``INFLIGHT 8 yes|no``)
   eval        inside the per-epoch evaluation of epoch 2
   last_step   in the body of the very last step
   final_save  while the final checkpoint is being written (a state object's state_dict signals)
@@ -21,6 +22,7 @@ import signal
 
 import numpy as np
 import torch
+from hold_writes import HoldWrites
 
 import autockpt
 
@@ -45,6 +47,9 @@ opt = torch.optim.Adam(model.parameters(), lr=0.01)
 sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
 loader = autockpt.ResumableLoader(dataset, batch_size=8, shuffle=True, seed=3)
 signal_in_next_save = False
+hold = HoldWrites()
+if args.window == "async":
+    hold.install()  # before autockpt starts its writer thread
 
 
 class Probe:
@@ -87,8 +92,14 @@ for epoch in run.epochs(1, 4):
         loss.backward()
         opt.step()
         print(f"loss {step} {loss.item().hex()}", flush=True)
+        if args.window == "async" and step == 7:  # the save of step 8 starts after this step: hold its write
+            run.manager.wait_until_finished()  # (not an earlier save's)
+            hold.holding = True
+        if args.window == "async" and step == 8:
+            print(f"INFLIGHT 8 {'no' if 8 in run.manager.all_steps() else 'yes'}", flush=True)
         if (args.window, step) in (("step", 13), ("async", 8), ("last_step", 17)):
             os.kill(os.getpid(), SIG)
+            hold.release()
     evaluate(epoch)
     sched.step()
 
