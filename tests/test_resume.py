@@ -310,7 +310,7 @@ def test_resumable_sampler_starts_mid_epoch_without_touching_skipped_samples() -
     sampler.load_state_dict({"epoch": 2, "position": 7})
     assert list(sampler) == [7, 8, 9] and sampler.state_dict() == {"epoch": 3, "position": 0}
     with pytest.raises(InvalidArgumentError):
-        autockpt.ResumableLoader(ds, batch_size=4, sampler=None)
+        autockpt.ResumableLoader(ds, batch_size=4, sampler=autockpt.ResumableSampler(10))
     with pytest.raises(autockpt.errors.StateMismatchError):
         loader.load_state_dict({"epoch": -1})
 
@@ -491,6 +491,9 @@ def test_resumable_loader_is_a_dataloader_drop_in() -> None:
                                     pin_memory=False, num_workers=0, timeout=0, worker_init_fn=None)
     assert list(opts) == [[0, 10, 20, 30], [40, 50, 60, 70]]
     assert opts.num_workers == 0 and opts.collate_fn is collate and opts.pin_memory is False  # DataLoader's
+    # DataLoader's defaults spelled out (`sampler=DistributedSampler(ds) if ddp else None`) are a plain loader
+    spelled = autockpt.ResumableLoader(ds, batch_size=4, sampler=None, batch_sampler=None, generator=None)
+    assert [b[0].tolist() for b in spelled] == [b[0].tolist() for b in autockpt.ResumableLoader(ds, batch_size=4)]
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):  # type: ignore[no-untyped-def]
@@ -498,7 +501,7 @@ def test_resumable_loader_is_a_dataloader_drop_in() -> None:
 
     refused = [
         (dict(sampler=torch.utils.data.SequentialSampler(ds)), "sampler=.*use shuffle= and seed="),
-        (dict(batch_sampler=None), "batch_sampler=.*use batch_size="),
+        (dict(batch_sampler=[[0, 1]]), "batch_sampler=.*use batch_size="),
         (dict(generator=torch.Generator()), "generator=.*use seed="),
         (dict(persistent_workers=True), "persistent_workers=True.*use num_workers="),
         (dict(shufle=True), r"unknown DataLoader arguments \['shufle'\]"),

@@ -163,8 +163,9 @@ class ResumableLoader:
         batch_size, shuffle, drop_last: as for ``DataLoader`` (``shuffle=False``: in order, still resumable).
         seed: the base seed of the shuffle.
         **dataloader_options: ``num_workers``, ``collate_fn``, ``pin_memory``, ``worker_init_fn``,
-            ``prefetch_factor``, ``timeout``, ... as for ``DataLoader``. ``sampler``, ``batch_sampler``,
-            ``generator`` and ``persistent_workers=True`` raise ``InvalidArgumentError`` naming what to use.
+            ``prefetch_factor``, ``timeout``, ... as for ``DataLoader``. A ``sampler``, ``batch_sampler`` or
+            ``generator`` other than None (their default), and ``persistent_workers=True``, raise
+            ``InvalidArgumentError`` naming what to use.
 
     ```python
     import torch, autockpt
@@ -189,8 +190,8 @@ class ResumableLoader:
     ) -> None:
         import torch
 
-        for name, use in _REFUSED.items():
-            if name in dataloader_options:
+        for name, use in _REFUSED.items():  # None is DataLoader's default: a script passing it loses nothing
+            if dataloader_options.pop(name, None) is not None:
                 raise InvalidArgumentError(f"ResumableLoader does not take {name}=; use {use}")
         if dataloader_options.get("persistent_workers"):
             raise InvalidArgumentError(
