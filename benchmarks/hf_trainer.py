@@ -7,7 +7,8 @@ a checkpoint every 10 steps) once with Trainer's own checkpointing (``save_strat
 ``save_total_limit=2``, then ``train(resume_from_checkpoint=True)``) and once with
 ``AutoCheckpoint(save_steps=10, max_to_keep=2)`` (``save_strategy="no"``, then the same ``train()``). Measured:
 time per save (inside Trainer's ``_save_checkpoint``, which both go through), bytes per save (the checkpoint
-directory), and time to the first step after resuming mid-epoch (from the ``train()`` call to the first
+directory; for autockpt its step directory plus the deduplicated packs that step wrote), and time to the first
+step after resuming mid-epoch (from the ``train()`` call to the first
 ``on_step_begin``, in a new Trainer in this process). Medians over alternating rounds.
 """
 
@@ -95,6 +96,8 @@ def one_round(kind: str, a: argparse.Namespace) -> dict[str, float]:
         else:
             ckpts = sorted((work / "ckpt").glob("step_*"))
         size = dir_bytes(ckpts[-1])
+        if kind == "autockpt":  # with dedup (the default) the tensors new at a step lie in blobs/STEP-*.safetensors
+            size += sum(f.stat().st_size for f in (work / "ckpt" / "blobs").glob(f"{ckpts[-1].name}-*"))
         # resume mid-epoch from the newest checkpoint, in a new Trainer (same process: no import time)
         trainer, first, _ = make(kind, work, a, a.steps + SAVE_EVERY)
         t0 = time.perf_counter()

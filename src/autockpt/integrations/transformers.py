@@ -70,7 +70,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 log = logging.getLogger("autockpt")
 
-SUPPORTED_TRANSFORMERS = ">=5.0,<6 (tested with transformers 5.24.0, peft 0.21.2, accelerate 1.15.0)"
+SUPPORTED_TRANSFORMERS = ">=5.0,<6 (tested with transformers 5.24.0, peft 0.21.2, accelerate 1.15.0 and 1.16.0)"
 DEFAULT_EVERY_N_SECONDS = 600.0
 _STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "frozen")
 
