@@ -12,7 +12,7 @@ A SIGKILL anywhere leaves only unreferenced packs, which the next collection del
 manifest first, so a referenced pack is never deleted before the manifest that refers to it. A pack written
 by a save whose manifest never committed is garbage once that save is over, and goes at the next collection.
 
-Imports ``autockpt.errors``, ``autockpt.reader`` and ``autockpt.storage``.
+Imports ``autockpt.errors``, ``autockpt.format``, ``autockpt.reader`` and ``autockpt.storage``.
 """
 
 from __future__ import annotations

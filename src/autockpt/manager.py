@@ -2,7 +2,7 @@
 
 One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
 restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
-staging, fit, progress, collect, payload, reader, format, storage, errors.
+staging, fit, progress, collect, per_rank, payload, reader, format, storage, errors.
 """
 
 from __future__ import annotations
