@@ -36,6 +36,21 @@ def test_only_the_storage_package_knows_local_from_remote() -> None:
     assert offenders == []
 
 
+def test_only_the_storage_package_names_the_tiered_storage() -> None:
+    """A tiered or content-addressed storage plugs in through the Storage interface (pack_storage, grouped,
+    resume_uploads, ...): the manager and the collector never ask which kind they have. Left: the CLI's --local-dir
+    commands (ls, sync) and the torch.distributed coordinator's tiered save protocol (one rank per local dir)."""
+    allowed = {"cli.py", "coordination/torch_dist.py"}
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("storage/") or rel in allowed:
+            continue
+        offenders += [f"{rel}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                      if "TieredStorage" in line]
+    assert offenders == []
+
+
 def test_import_layers_hold() -> None:
     exe = Path(sys.executable).with_name("lint-imports")
     if not exe.exists():

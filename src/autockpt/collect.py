@@ -24,7 +24,7 @@ from typing import Any
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import parse_safetensors_header
 from autockpt.reader import read_manifest
-from autockpt.storage import BLOBS_DIR, BlobStore, PackFormat, Storage, TieredStorage, step_dirname
+from autockpt.storage import BLOBS_DIR, BlobStore, PackFormat, Storage, step_dirname
 
 log = logging.getLogger("autockpt")
 
@@ -48,8 +48,8 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
     assert collect(open_storage("memory://collect_demo")) == 0  # the prune after step 2 collected already
     ```
     """
-    if isinstance(storage, TieredStorage):  # each tier from its own manifests; the remote's by the uploader
-        return collect(storage.local)
+    if storage.pack_storage is not storage:  # a tiered storage: each tier from its own manifests (the remote's
+        return collect(storage.pack_storage)  # by the uploader)
     blobs = BlobStore(storage)
     packs = blobs.packs()  # 1. before marking: a pack that appears later is not ours to judge
     leftovers = blobs.leftovers()
