@@ -3,6 +3,7 @@ errors from other ranks carry their facts, and options are checked in one place 
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -32,6 +33,21 @@ def test_only_the_storage_package_knows_local_from_remote() -> None:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"atomic_rename|LocalFileSystem|\.fs\.", line):
                 offenders.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
+    assert offenders == []
+
+
+def test_only_the_storage_package_names_the_tiered_storage() -> None:
+    """A tiered or content-addressed storage plugs in through the Storage interface (pack_storage, grouped,
+    resume_uploads, ...): the manager and the collector never ask which kind they have. Left: the CLI's --local-dir
+    commands (ls, sync) and the torch.distributed coordinator's tiered save protocol (one rank per local dir)."""
+    allowed = {"cli.py", "coordination/torch_dist.py"}
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("storage/") or rel in allowed:
+            continue
+        offenders += [f"{rel}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                      if "TieredStorage" in line]
     assert offenders == []
 
 
@@ -97,3 +113,51 @@ def test_a_bad_shared_option_gives_the_same_message_from_every_entry_point(tmp_p
     assert len(set(messages.values())) == 1, messages
     assert repr(bad) in messages["manager"]
     assert list(tmp_path.iterdir()) == []  # refused before anything was created
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _autockpt_imports(path: Path, tree: ast.Module) -> set[str]:
+    """Every autockpt module ``path`` imports, at the top or inside a function."""
+    package = _module_name(path).split(".")[: None if path.name == "__init__.py" else -1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            found |= {f"{name}.{a.name}" for a in node.names} if node.module is None or name == "autockpt" \
+                else {name}
+    return {n for n in found if n.startswith("autockpt.")}
+
+
+def test_every_module_docstring_names_its_job_and_what_it_imports() -> None:
+    """Issue 12: each module's docstring states its one job ("One job: ...") and what it may import ("Imports
+    ..."), naming every module of autockpt it imports: a sibling in its own package by its short name (or "the
+    package's own modules"), anything else by its name under autockpt (``autockpt.storage``, ``errors``)."""
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        doc, me = ast.get_docstring(tree) or "", _module_name(path)
+        if not re.search(r"\bOne job\b", doc):
+            problems.append(f"{me}: no 'One job: ...' sentence")
+        if not re.search(r"\bImports\b", doc):
+            problems.append(f"{me}: no 'Imports ...' sentence")
+        package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+        for imported in sorted(_autockpt_imports(path, tree)):
+            if imported.startswith(package + ".") and package != "autockpt":
+                name = imported[len(package) + 1:].split(".")[0]  # a sibling in the same package
+                if "package's own modules" in doc:
+                    continue
+            else:
+                name = imported.split(".")[1]  # another part of autockpt, by its top-level name
+            if name == me.split(".")[-1] or (name == "integrations" and me.startswith("autockpt.integrations")):
+                continue
+            if not re.search(rf"(?<![\w.]){re.escape(name)}\b|autockpt\.{re.escape(name)}\b|{re.escape(imported)}\b",
+                             doc):
+                problems.append(f"{me}: imports {imported} but its docstring does not name {name!r}")
+    assert problems == [], "\n".join(problems)

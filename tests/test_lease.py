@@ -375,3 +375,43 @@ def test_the_start_up_cleanup_runs_under_the_lease(tmp_path: Path, monkeypatch: 
     assert new.restore(target) == 1 and (target["w"] == 1).all()
     assert new.save(4, {"w": np.full(8, 4, np.float32)})
     new.close()
+
+
+def test_a_writer_paused_inside_its_collector_deletes_none_of_its_successors_packs(tmp_path: Path) -> None:
+    """Issue 20 with dedup's collector, real processes and signals: a deduplicating writer is stopped (SIGSTOP) as
+    the collection after its save starts, past its lease; a successor takes over, saves and prunes, and is stopped
+    with the packs of its next save written but its manifest not yet committed. The old writer is continued: its
+    collector lists those packs, which no manifest refers to yet, and must delete none of them (LeaseError). Then
+    the successor commits, and every checkpoint it wrote verifies and restores."""
+    from autockpt.reader import open_checkpoint
+    from autockpt.storage import BLOBS_DIR
+
+    url, ttl = str(tmp_path / "run"), 1.5
+    old = _spawn("0", "null", "collector", url, str(ttl))
+    new: subprocess.Popen[str] | None = None
+    try:
+        assert old.stdout is not None and old.stdout.readline().strip() == "collecting"
+        time.sleep(ttl + 0.3)  # its lease runs out while it is stopped inside its collector
+        new = _spawn("1", "null", "successor", url)
+        assert new.stdout is not None and new.stdout.readline().strip() == "committing"
+        packs = sorted(os.listdir(tmp_path / "run" / BLOBS_DIR))  # step 12's packs are among them, unreferenced
+        os.kill(old.pid, signal.SIGCONT)
+        out = old.stdout.readline().strip()
+        assert old.wait(timeout=60) == 0
+        assert sorted(os.listdir(tmp_path / "run" / BLOBS_DIR)) == packs, "the old writer's collector deleted packs"
+        assert out.startswith("lease the writer lease of"), out
+        os.kill(new.pid, signal.SIGCONT)
+        assert new.stdout.readline().strip() == "saved"
+        assert new.wait(timeout=60) == 0
+        storage = open_storage(url)
+        assert sorted(storage.scan().committed) == [12]
+        with open_checkpoint(storage, 12) as ckpt:  # verifies every referenced byte
+            state = ckpt.state()
+        assert state["meta"] == {"step": 12, "writer": 1} and (state["new"] == 12).all()
+        assert (state["frozen"] == np.arange(4096, dtype=np.float32)).all()
+    finally:
+        for p in (old, new):
+            if p is not None and p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait()

@@ -7,6 +7,9 @@ with autockpt.CheckpointManager("runs/exp1", max_to_keep=3) as mgr:
     ...
     mgr.save(step, {"model": model, "opt": opt})
 ```
+
+One job: the public names (``CheckpointManager``, ``resume``, ``load``, ...), re-exported. Imports
+``autockpt.errors``, ``_version``, ``data``, ``loop``, ``manager``, ``per_rank``, ``reader``, ``retention`` and ``rng``.
 """
 
 from autockpt import errors  # noqa: E402

@@ -1,4 +1,7 @@
-"""``python -m autockpt``: the same as the ``autockpt`` command."""
+"""``python -m autockpt``: the same as the ``autockpt`` command.
+
+One job: run the CLI. Imports ``autockpt.cli``.
+"""
 
 import sys
 

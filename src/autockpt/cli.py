@@ -20,8 +20,8 @@ directory, checkpoint or file, a path that is a file, missing credentials, or a 
 Errors are one line on standard error.
 
 One job: the admin commands and their output. Imports ``autockpt.convert``, ``errors``, ``options``,
-``progress``, ``reader``, ``payload``, ``format``, ``collect``, ``lease``, ``retention``, ``storage`` and (for
-``import``) ``autockpt.manager``.
+``progress``, ``reader``, ``payload``, ``format``, ``_version``, ``collect``, ``lease``, ``retention``,
+``storage`` and (for ``import``) ``autockpt.manager``.
 """
 
 from __future__ import annotations

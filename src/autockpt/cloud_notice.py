@@ -24,6 +24,8 @@ VMs", api-version 2020-07-01):
   ``{"DocumentIncarnation": n, "Events": [{"EventType": "Preempt", "Resources": [vm names], "NotBefore": ...}]}``.
   Events of the whole availability set / scale-set placement group are listed, so only those naming this VM
   count. The first call may take up to two minutes (the service is enabled by it), so it gets a long timeout.
+
+One job: hearing the cloud's preemption notice. Imports only ``autockpt.errors``.
 """
 
 from __future__ import annotations

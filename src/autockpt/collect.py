@@ -12,7 +12,7 @@ A SIGKILL anywhere leaves only unreferenced packs, which the next collection del
 manifest first, so a referenced pack is never deleted before the manifest that refers to it. A pack written
 by a save whose manifest never committed is garbage once that save is over, and goes at the next collection.
 
-Imports ``autockpt.errors``, ``autockpt.reader`` and ``autockpt.storage``.
+Imports ``autockpt.errors``, ``autockpt.format``, ``autockpt.reader`` and ``autockpt.storage``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from autockpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from autockpt.format import parse_safetensors_header
 from autockpt.reader import read_manifest
-from autockpt.storage import BLOBS_DIR, BlobStore, PackFormat, Storage, TieredStorage, step_dirname
+from autockpt.storage import BLOBS_DIR, BlobStore, PackFormat, Storage, step_dirname
 
 log = logging.getLogger("autockpt")
 
@@ -48,8 +48,8 @@ def collect(storage: Storage, manifest: Callable[[int], dict[str, Any]] | None =
     assert collect(open_storage("memory://collect_demo")) == 0  # the prune after step 2 collected already
     ```
     """
-    if isinstance(storage, TieredStorage):  # each tier from its own manifests; the remote's by the uploader
-        return collect(storage.local)
+    if storage.pack_storage is not storage:  # a tiered storage: each tier from its own manifests (the remote's
+        return collect(storage.pack_storage)  # by the uploader)
     blobs = BlobStore(storage)
     packs = blobs.packs()  # 1. before marking: a pack that appears later is not ours to judge
     leftovers = blobs.leftovers()

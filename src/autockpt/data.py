@@ -12,6 +12,8 @@ Anything else with ``state_dict()``/``load_state_dict()`` that describes a data 
 ``StatefulDataLoader``, for instance) works too: ``autockpt.resume(..., data=loader)`` accepts it.
 
 torch is imported only when these are used, never by ``import autockpt``.
+
+One job: the data position of a plain DataLoader. Imports only ``autockpt.errors``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ at once. Each also derives from the closest built-in exception (``ValueError``, 
 written against those keeps working.
 
 Imports nothing of autockpt: every module may import it.
+
+One job: the error classes.
 """
 
 from __future__ import annotations

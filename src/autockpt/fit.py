@@ -8,6 +8,8 @@ existing storage (parameters keep their identity), stateful objects through ``lo
 values by replacing them in their container.
 
 Imports ``autockpt.errors`` and ``autockpt.format``.
+
+One job: check a checkpoint against live objects, then copy it into them.
 """
 
 from __future__ import annotations

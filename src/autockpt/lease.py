@@ -23,6 +23,8 @@ more than ``ttl / 3`` (expiry is wall-clock time written by the holder and read 
 Where the storage has no exclusive create (an fsspec filesystem other than local, memory:// and S3, or an
 S3-compatible server that ignores ``If-None-Match``) the create is a check then a write: one warning says so
 when the lease is taken. Readers never take the lease. Imports ``autockpt.errors`` and ``autockpt.storage``.
+
+One job: the writer lease and its fence.
 """
 
 from __future__ import annotations

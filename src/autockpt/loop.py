@@ -44,6 +44,9 @@ Requeueing: end the script with ``sys.exit(run.exit_code)``. Kubernetes (a Job o
 with ``--requeue`` (and ``--signal=B:TERM@120`` for an early warning), or requeue yourself when
 ``run.preempted``: ``subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])``. A process that
 is killed without warning (SIGKILL, OOM, a lost node) resumes from the newest checkpoint the interval saved.
+
+One job: the plain training loop's ``resume``/``Run``. Imports ``autockpt.data``, ``errors``, ``format``,
+``manager``, ``options``, ``per_rank``, ``preemption`` and ``rng``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One job: the manager's decisions (when to save, the failure policy, what to keep, which checkpoint to
 restore); the mechanics live below it. Imports the layers below: options, coordination, lease, retention,
-staging, fit, progress, collect, payload, reader, format, storage, errors.
+staging, fit, progress, collect, per_rank, payload, reader, format, storage, errors.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from autockpt.staging import BackgroundSaver
 from autockpt.storage import (
     BlobStore,
     Storage,
-    TieredStorage,
     access_problem,
     open_storage,
     step_dirname,
@@ -194,7 +193,7 @@ class CheckpointManager:
         self._coord = coordinator_for(self.storage, distributed, rank_timeout)
         self._coord.setup(self.storage)  # with local_dir: the remote tier must be shared, not the local dirs
         self._coord.join_tiers(self.storage)  # ... which each rank uploads its own files to
-        self._tiers_shared = isinstance(self.storage, TieredStorage) and self.storage.grouped
+        self._tiers_shared = self.storage.grouped
         self._lease = WriterLease(self.storage, lease_ttl, lease_renew_seconds)  # held by the writing rank only
         # Under torch.distributed each rank deduplicates its own tensors (its shards) into packs of its own.
         # Not with multi-rank tiers: each rank uploads its own step files, not packs (a later step).
@@ -213,7 +212,7 @@ class CheckpointManager:
             if why is None:
                 raise
             raise StorageAccessError(f"cannot use {self.directory}: {why}") from None
-        if isinstance(self.storage, TieredStorage) and self.storage.grouped:
+        if self.storage.grouped:
             self._coord.gather(None)  # the writer cleaned up the remote before the ranks resume their uploads
             self.storage.resume_uploads()
 

@@ -4,7 +4,7 @@ A signal handler must not save: it runs between two bytecodes of whatever the pr
 half-way through an optimizer update. ``PreemptionWatcher`` only records the signal; the loop (or callback)
 finishes the current step, saves, and stops.
 
-One job: turning a preemption signal into a flag. Imports only ``autockpt.errors``.
+One job: turning a preemption signal into a flag. Imports ``autockpt.errors`` and ``autockpt.cloud_notice``.
 """
 
 from __future__ import annotations

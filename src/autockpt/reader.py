@@ -9,6 +9,8 @@ own memory when it is a contiguous host tensor of the same dtype and shape, else
 
 Imports ``autockpt.errors``, ``autockpt.format`` and ``autockpt.storage`` (and ``autockpt.dtensor`` only for
 checkpoints with sharded tensors).
+
+One job: verify and read checkpoints.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One job: ``async_save=True``'s mechanics, apart from the manager's decisions. ``
 into its host staging buffer (reused from the previous save while it still fits; pinned for CUDA sources;
 ``prepare`` allocates them ahead of the first save, in the background) and waits for the device copies to
 land; ``start`` runs the write in a background thread at the lowest CPU priority (Linux); ``join`` waits for
-it and raises its error. Imports ``autockpt.format``; torch only through ``sys.modules``.
+it and raises its error. Imports ``autockpt.errors`` and ``autockpt.format``; torch only through ``sys.modules``.
 """
 
 from __future__ import annotations

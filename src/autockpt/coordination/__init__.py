@@ -9,6 +9,9 @@ imports torch: it only looks at ``sys.modules``.
 
 The package: ``base`` (the protocol), ``local`` (one process), ``torch_dist`` (torch.distributed). This module
 only chooses; it imports ``autockpt.errors`` and the package's modules (``torch_dist`` only once torch is in use).
+
+One job: choose the coordinator of a run. Imports ``autockpt.errors``, ``autockpt.storage`` (for types)
+and the package's own modules: ``base``, ``local`` and ``torch_dist`` (only once torch is in use).
 """
 
 from __future__ import annotations

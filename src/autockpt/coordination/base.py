@@ -1,6 +1,8 @@
 """What the manager asks of the ranks of a run: the ``Coordinator`` protocol. Every method is collective.
 
 Imports ``autockpt.format`` and ``autockpt.storage`` (for types).
+
+One job: the protocol every coordinator follows.
 """
 
 from __future__ import annotations

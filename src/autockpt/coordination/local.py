@@ -1,6 +1,8 @@
 """``LocalCoordinator``: one process, whose every decision is its own; it writes and commits everything.
 
 Imports ``autockpt.coordination.base``, ``autockpt.format``, ``autockpt.payload`` and ``autockpt.storage``.
+
+One job: the single-process coordinator.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ own value, in rank order; ``autockpt.load`` reads it as a list indexed by rank).
 The package: ``dtypes`` (tensor kinds and bytes), ``tree`` (state tree encoding), ``safetensors`` (the payload
 container); this module is the manifest (schema, self-checksum, versions) and re-exports the names callers use.
 It imports ``autockpt.errors``, ``autockpt._version`` and ``autockpt.storage.names``, never the manager.
+
+One job: the manifest (schema, self-checksum, library versions) and the format's public names. Imports
+``autockpt.errors``, ``autockpt._version``, ``autockpt.storage.names`` and the package's own modules.
 """
 
 from __future__ import annotations

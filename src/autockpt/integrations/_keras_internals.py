@@ -35,6 +35,9 @@ What we rely on:
    batch), unless a distribution strategy is set; ``Model._symbolic_build(data_batch=...)`` builds them
    from the dataset's ``element_spec`` (what the torch trainer does before ``on_train_begin``), so a
    checkpoint's running metrics can be checked and restored before the first batch.
+
+One job: every Keras internal the Keras callback touches, in one place. Imports nothing of autockpt
+(keras, and torch or tensorflow when the backend uses them).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ model.fit(x, y, epochs=20, callbacks=[AutoCheckpoint("s3://bucket/run3", save_fr
 Run the same line again after the process died and training continues where it stopped. Works with any
 Keras backend (tested with TensorFlow and torch); storage goes through fsspec, so remote URLs need no
 TensorFlow.
+
+One job: the Keras callback. Imports keras and ``autockpt.errors``, ``format``, ``manager``, ``options``,
+``preemption``, ``retention``, ``rng`` and ``autockpt.integrations._keras_internals``.
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ How it hooks into Lightning (2.6; see ``SUPPORTED_LIGHTNING``):
 The only private Lightning attributes used are in ``_dump_lightning_checkpoint``, ``_inject_lightning_checkpoint``,
 ``_as_between_epochs``, ``_clear_lightning_sigterm`` and
 ``_exit_after_teardown``; ``tests/test_lightning.py`` pins them.
+
+One job: the Lightning callback. Imports lightning and ``autockpt.errors``, ``format``, ``manager``,
+``options``, ``preemption``, ``reader``, ``retention`` and ``rng``.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ with autockpt.CheckpointManager("/shared/ckpt", max_to_keep=3) as mgr, Preemptio
         if stop:
             break
 ```
+
+One job: keep the user-facing names of torch.distributed support importable here. Imports
+``autockpt.coordination.torch_dist`` and ``autockpt.dtensor``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ How it hooks into Trainer (transformers 5.x; see ``SUPPORTED_TRANSFORMERS``):
 
 Everything private this module touches is in ``_TRAINER_METHODS`` and ``_trainer_from_stack``;
 ``tests/test_transformers.py`` pins them.
+
+One job: the Hugging Face Trainer callback. Imports transformers (and peft when present) and
+``autockpt.errors``, ``manager``, ``options``, ``preemption``, ``retention`` and ``rng``.
 """
 
 from __future__ import annotations

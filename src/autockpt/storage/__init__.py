@@ -11,6 +11,9 @@ Everything autockpt writes has a name it recognises (``step_N``, ``.tmp-step_N-X
 ``manifest.json``, ``*.safetensors``, packs in ``blobs/``); it never deletes anything else. ``blobs`` holds the
 :class:`BlobStore`: pack files of tensors shared by deduplicated checkpoints. This package is the only place that
 knows local from remote. It imports only ``autockpt.errors`` (and fsspec).
+
+One job: open the right storage for a URL. Imports ``autockpt.errors`` and the package's own modules
+(``base``, ``blobs``, ``local``, ``names``, ``objectstore``, ``retry``, ``tiered``).
 """
 
 from __future__ import annotations

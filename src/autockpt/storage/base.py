@@ -176,6 +176,17 @@ class Storage(ABC):
         """Where deduplicated saves write (and the collector sweeps) packs: here; a tiered storage's local tier."""
         return self
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the ranks of a process group share this storage's uploads (a tiered storage under
+        torch.distributed: each rank uploads its own files); False for a plain storage."""
+        return False
+
+    def resume_uploads(self) -> None:
+        """Start the uploads a restart found pending (a grouped tiered storage, after the writer cleaned up);
+        nothing for a storage without uploads."""
+        return None
+
     def guard(self) -> None:
         """Ask the fence (if any) whether this process may still change the directory."""
         if self.fence is not None:

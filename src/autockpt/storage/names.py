@@ -2,6 +2,8 @@
 
 Storage owns these because they decide what is ours to list and delete, and what a commit is (the manifest's
 presence); the format imports them from here.
+
+One job: the names and limits of what autockpt writes.
 """
 
 from __future__ import annotations

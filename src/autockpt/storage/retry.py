@@ -1,4 +1,7 @@
-"""Retrying transient errors of remote storage with bounded backoff. Imports only ``autockpt.errors``."""
+"""Retrying transient errors of remote storage with bounded backoff. Imports only ``autockpt.errors``.
+
+One job: bounded retries of transient storage errors.
+"""
 
 from __future__ import annotations
 
