@@ -35,7 +35,7 @@ Everything private this module touches is in ``_TRAINER_METHODS`` and ``_trainer
 ``tests/test_transformers.py`` pins them.
 
 One job: the Hugging Face Trainer callback. Imports transformers (and peft when present) and
-``autockpt.errors``, ``manager``, ``options``, ``preemption``, ``retention`` and ``rng``.
+``autockpt.errors``, ``manager``, ``options``, ``per_rank``, ``preemption``, ``retention`` and ``rng``.
 """
 
 from __future__ import annotations
