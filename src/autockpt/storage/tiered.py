@@ -425,7 +425,10 @@ class TieredStorage(Storage):
                     step, deleting, collecting = -1, False, True
                     self._collect_due, self._collecting = False, True
                 else:
-                    step, deleting = max(self._pending), False  # newest first
+                    # newest first; in a group the oldest, so that every rank takes the same step whenever
+                    # its saves were queued (a rank still busy with step 8 while 12 and 16 were queued would
+                    # take 16 while another took 12, and each would wait for the other until rank_timeout)
+                    step, deleting = (max if self._group is None else min)(self._pending), False
                     self._pending.discard(step)
                     self._uploading = step
             try:
