@@ -134,6 +134,7 @@ def test_ddp_sigkill_of_the_group_and_sigterm_to_one_rank_resume_bit_identically
         assert final == reference["final"][r], f"rank {r}: parameters differ (seed {seed})"
 
 
+@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
 def test_saving_rank_0_s_rng_only_breaks_the_exact_resume(tmp_path: Path, reference: dict[str, Any]) -> None:
     """The old behaviour (rank 0's RNGs restored into every rank): rank 1's steps after the resume differ."""
     ckpt = tmp_path / "ckpt"
@@ -149,7 +150,8 @@ def test_saving_rank_0_s_rng_only_breaks_the_exact_resume(tmp_path: Path, refere
 
 
 @pytest.mark.parametrize(("before", "after"), [
-    (2, 4),
+    pytest.param(2, 4, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
+                                                reason="long variant (the suite's time): AUTOCKPT_FULL=1")),
     pytest.param(4, 2, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
                                                 reason="long variant (6 processes): AUTOCKPT_FULL=1")),
 ])
