@@ -49,6 +49,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(("seed", f"replay with AUTOCKPT_SEED={SEED}"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.full`` (a test, or one ``pytest.param``): a long variant, run only with AUTOCKPT_FULL=1."""
+    if os.environ.get("AUTOCKPT_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="long variant: AUTOCKPT_FULL=1")
+    for item in items:
+        if item.get_closest_marker("full") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def seed(request: pytest.FixtureRequest) -> int:
     """This test's seed: derived from AUTOCKPT_SEED and the test's name, so tests do not share draws."""

@@ -472,7 +472,7 @@ def test_import_keras_weights_h5(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ S3
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_s3_every_command(s3_url: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     import fsspec
 

@@ -117,8 +117,7 @@ def test_replicated_state_one_writer_and_agreed_restore(tmp_path: Path) -> None:
         assert r["momentum_equal"]
 
 
-@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.skipif(
-    os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (4 processes): AUTOCKPT_FULL=1"))])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.full)])
 def test_sharded_save_has_every_rank_s_shards_and_reshards_on_load(tmp_path: Path, n: int) -> None:
     """FSDP2 (fully_shard) on N ranks; restore on N/2 (or 2N) and save there in the background: same full tensors."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -225,8 +224,7 @@ def test_failing_write_on_one_rank_raises_on_all_ranks(tmp_path: Path, failing: 
     assert _listed(ckpt) == ["step_0000000001", "step_0000000003"]  # partial files removed
 
 
-@pytest.mark.parametrize("killed", [pytest.param(0, marks=pytest.mark.skipif(
-    os.environ.get("AUTOCKPT_FULL") != "1", reason="the writer rank killed: AUTOCKPT_FULL=1")), 1])
+@pytest.mark.parametrize("killed", [pytest.param(0, marks=pytest.mark.full), 1])
 def test_sigkill_of_one_rank_mid_save_commits_nothing_and_the_group_resumes(tmp_path: Path, killed: int) -> None:
     ckpt = tmp_path / "ckpt"
     g = Group("kill_one", 2, tmp_path / "o1", ckpt, str(killed))
@@ -265,7 +263,7 @@ def test_unshared_local_storage_is_detected_at_start(tmp_path: Path) -> None:
     assert not list((tmp_path / "ckpt" / "rank0").iterdir())  # rank 0 removed its probe file
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_tiers_on_two_ranks_survive_a_rank_killed_mid_upload(tmp_path: Path, s3_server: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """2 ranks, each with its own local dir, one S3 remote: rank 1 is SIGKILLed at the first payload PUT of step

@@ -125,7 +125,7 @@ def test_numpy_fit_resumes_exactly_after_sigkill_and_sigterm(tmp_path: Path, see
     assert any(b > 0 for _, b in resumes), f"no mid-epoch resume happened: {resumes} (seed {seed})"
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_pydataset_fit_resumes_exactly(tmp_path: Path, seed: int) -> None:
     resumes = _interrupted_matches_uninterrupted(tmp_path, "pydataset", [signal.SIGTERM, signal.SIGKILL], seed)
     assert len(resumes) >= 2, f"seed {seed}"

@@ -31,7 +31,7 @@ TF = "tensorflow"
 PLAN = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM] if FULL else [signal.SIGKILL, signal.SIGTERM]
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_tf_numpy_fit_resumes_exactly_after_sigkill_and_sigterm(tmp_path: Path, seed: int) -> None:
     resumes = tk._interrupted_matches_uninterrupted(tmp_path, "numpy", PLAN, seed, backend=TF)
     assert len(resumes) >= len(PLAN) - 1, f"{resumes} (seed {seed})"  # a kill before step 3 leaves nothing

@@ -119,10 +119,9 @@ def _check_resumed(tmp: Path, reference: dict[str, Any], sigterm_runs: set[int])
     assert ends[-1]["preempted"] == "0" and int(ends[-1]["step"]) == STEPS
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("package", ["lightning", pytest.param("pytorch_lightning", marks=pytest.mark.skipif(
-    os.environ.get("AUTOCKPT_FULL") != "1", reason="the other package's Trainer: AUTOCKPT_FULL=1"))])
+@pytest.mark.parametrize("package", ["lightning", pytest.param("pytorch_lightning", marks=pytest.mark.full)])
 def test_killed_and_resumed_matches_uninterrupted(tmp_path: Path, reference: dict[str, Any], package: str,
                                                   seed: int) -> None:
     if package == "pytorch_lightning":
@@ -190,7 +189,7 @@ def _same_as_reference(tmp: Path, ref: Path) -> list[bool]:
     return same
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 @pytest.mark.timeout(500)
 def test_ddp_two_processes_killed_and_resumed(tmp_path: Path, ddp_reference: Path) -> None:
     """strategy="ddp", 2 CPU processes (gloo): SIGKILL of both mid-epoch, SIGTERM to rank 0 only, then finish;
@@ -581,7 +580,7 @@ def test_shape_mismatch_on_restore_names_the_parameter(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(500)
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant: AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_ddp_with_rank_0_s_rng_only_is_not_exact(tmp_path: Path, ddp_reference: Path) -> None:
     """The old behaviour (rank 0's RNG restored into every rank): rank 1's losses after the resume differ (and,
     through the averaged gradients, rank 0's later ones too); the data order stays exact."""

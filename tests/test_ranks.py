@@ -134,7 +134,7 @@ def test_ddp_sigkill_of_the_group_and_sigterm_to_one_rank_resume_bit_identically
         assert final == reference["final"][r], f"rank {r}: parameters differ (seed {seed})"
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_saving_rank_0_s_rng_only_breaks_the_exact_resume(tmp_path: Path, reference: dict[str, Any]) -> None:
     """The old behaviour (rank 0's RNGs restored into every rank): rank 1's steps after the resume differ."""
     ckpt = tmp_path / "ckpt"
@@ -150,10 +150,8 @@ def test_saving_rank_0_s_rng_only_breaks_the_exact_resume(tmp_path: Path, refere
 
 
 @pytest.mark.parametrize(("before", "after"), [
-    pytest.param(2, 4, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
-                                                reason="long variant (the suite's time): AUTOCKPT_FULL=1")),
-    pytest.param(4, 2, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
-                                                reason="long variant (6 processes): AUTOCKPT_FULL=1")),
+    pytest.param(2, 4, marks=pytest.mark.full),
+    pytest.param(4, 2, marks=pytest.mark.full),
 ])
 def test_another_world_size_derives_the_new_ranks_rngs_and_says_the_resume_is_not_exact(
         tmp_path: Path, before: int, after: int) -> None:
@@ -224,8 +222,7 @@ def torchrun_2_nodes(tmp: Path, out: Path, url: str, opts: dict[str, Any], delay
 
 @pytest.mark.parametrize("preempted", [
     False,
-    pytest.param(True, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1",
-                                                reason="long variant (two torchrun launches): AUTOCKPT_FULL=1")),
+    pytest.param(True, marks=pytest.mark.full),
 ])
 def test_torchrun_two_nodes_with_node_local_dirs_and_an_s3_remote(
         tmp_path: Path, reference: dict[str, Any], s3_server: Any, preempted: bool) -> None:

@@ -93,7 +93,7 @@ def _check_sigterm(d: Path, child: Child, n_records_before: int, double: bool = 
     return ckpt
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 def test_interrupted_training_matches_uninterrupted_bit_for_bit(tmp_path: Path, seed: int) -> None:
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -675,7 +675,7 @@ def test_a_signal_in_every_window_commits_the_newest_step_and_the_resumed_run_is
     _check_resumes_exactly(tmp_path, seen, epochs_reference)  # trains nothing, runs the code after the loop
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="each window alone: AUTOCKPT_FULL=1")
+@pytest.mark.full
 @pytest.mark.parametrize("window, sig, saved, committed", [
     ("step", "SIGTERM", 14, [4, 8, 12, 14]),  # in a training step: that step finishes and is saved
     ("async", "SIGTERM", 9, [4, 8, 9]),  # the in-flight save of step 8 commits, then step 9
@@ -729,11 +729,9 @@ def _gloo(n: int, out: Path, *args: str) -> list[dict]:
     return [json.loads((out / f"result-{r}.json").read_text()) for r in range(n)]
 
 
-@pytest.mark.parametrize("before, after", [(2, 4), pytest.param(4, 2, marks=pytest.mark.skipif(
-    os.environ.get("AUTOCKPT_FULL") != "1", reason="AUTOCKPT_FULL=1")),
-    pytest.param(2, 2, marks=pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="AUTOCKPT_FULL=1")),
-    pytest.param(1, 2, marks=pytest.mark.skipif(
-    os.environ.get("AUTOCKPT_FULL") != "1", reason="AUTOCKPT_FULL=1"))])
+@pytest.mark.parametrize("before, after", [(2, 4), pytest.param(4, 2, marks=pytest.mark.full),
+    pytest.param(2, 2, marks=pytest.mark.full),
+    pytest.param(1, 2, marks=pytest.mark.full)])
 def test_resumable_loader_shards_like_distributed_sampler_and_resumes_on_any_world_size(
         tmp_path: Path, before: int, after: int) -> None:
     """96 samples, batch 4: K=3 batches per rank on ``before`` ranks, saved (rank 0's state only), then the

@@ -182,7 +182,7 @@ DDP_KILLS = [("direct", signal.SIGTERM)] + ([("torchrun", signal.SIGTERM), ("tor
                                            if FULL else [])
 
 
-@pytest.mark.skipif(os.environ.get("AUTOCKPT_FULL") != "1", reason="long variant (the suite's time): AUTOCKPT_FULL=1")
+@pytest.mark.full
 @pytest.mark.parametrize("launch,sig", DDP_KILLS, ids=[f"{la}-{s.name}" for la, s in DDP_KILLS])
 def test_ddp_two_processes_killed_then_resume_bit_identically_per_rank(
         launch: str, sig: signal.Signals, seed: int, tmp_path: Path) -> None:
