@@ -136,11 +136,19 @@ class WriterLease:
     def _mine(self, lease: dict[str, Any]) -> bool:
         return lease.get("token") == self.me["token"]
 
+    def _this_process(self, lease: dict[str, Any]) -> bool:
+        return bool(lease.get("host") == self.me["host"] and lease.get("pid") == self.me["pid"])
+
+    def held_in_this_process(self, lease: dict[str, Any] | None) -> bool:
+        """Whether ``lease`` is held (not released, not expired) by a manager of this process."""
+        return lease is not None and self._this_process(lease) and not lease.get("released") \
+            and time.time() < lease.get("expires", 0)
+
     def live_other(self, lease: dict[str, Any] | None) -> bool:
         """Whether ``lease`` belongs to another writer that may still be alive."""
         if lease is None or self._mine(lease) or lease.get("released"):
             return False
-        if lease.get("host") == self.me["host"] and lease.get("pid") == self.me["pid"]:
+        if self._this_process(lease):
             return False  # another manager of this process (a notebook cell run again): taken over at once
         expires = lease.get("expires")
         if not isinstance(expires, (int, float)) or time.time() > expires:

@@ -441,8 +441,7 @@ class CheckpointManager:
         if not (listing.uncommitted or listing.temporary or self._blobs.packs() or self._blobs.leftovers()
                 or self.storage.exists(LEASE_NAME)):
             return  # nothing to clean: the lease is left for the first save (or acquire) to take
-        if lease is not None and lease.get("pid") == self._lease.me["pid"] and lease.get("host") == \
-                self._lease.me["host"] and not lease.get("released") and time.time() < lease.get("expires", 0):
+        if self._lease.held_in_this_process(lease):
             self._cleanup()  # held by another manager of this process: no other process can write here
             self._lease.remove_stale()
             return
