@@ -326,3 +326,35 @@ def test_writer_lease_of_a_live_process_blocks_a_dead_ones_is_cleaned(tmp_path: 
     assert not (tmp_path / LEASE_NAME).exists()  # a dead writer's lease is a leftover: cleaned at start
     assert mgr.save(2, {"w": np.ones(2)})
     mgr.close()
+
+
+_RESTORE_RSS = r"""
+import sys, torch, autockpt
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+small, big = sys.argv[1], sys.argv[2]
+autockpt.CheckpointManager(small).restore({"w": torch.zeros(4)})  # imports and first-use costs, not measured
+target = {f"w{i}": torch.full((2**22,), -1.0) for i in range(8)}  # 8 x 16 MiB, touched
+before = hwm()
+autockpt.CheckpointManager(big).restore(target)
+assert all(bool((target[f"w{i}"] == i).all()) for i in range(8))
+print(hwm() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_a_restore_holds_no_copy_of_the_checkpoint_in_memory(tmp_path: Path) -> None:
+    """Verifying and reading 128 MiB into existing tensors raises the peak resident memory by far less than the
+    checkpoint: the file's pages are not all held mapped at once (nor copied into new tensors)."""
+    import subprocess
+    import sys
+
+    with autockpt.CheckpointManager(tmp_path / "small") as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+    with autockpt.CheckpointManager(tmp_path / "big") as mgr:
+        mgr.save(1, {f"w{i}": torch.full((2**22,), float(i)) for i in range(8)})
+    out = subprocess.run([sys.executable, "-c", _RESTORE_RSS, str(tmp_path / "small"), str(tmp_path / "big")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grew = int(out.stdout.split()[-1])
+    assert grew < 48 * 2**20, f"peak resident memory grew by {grew / 2**20:.0f} MiB restoring a 128 MiB checkpoint"

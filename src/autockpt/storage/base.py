@@ -26,6 +26,7 @@ from autockpt.storage.names import MANIFEST_NAME, step_dirname
 log = logging.getLogger("autockpt")
 T = TypeVar("T")
 _CHUNK = 4 * 2**20
+_READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 _scratch = threading.local()
 
 
@@ -44,7 +45,11 @@ class PayloadFile:
     A local file is also mapped read-only on first use, so that hashing and reading take its bytes straight
     from the page cache (no copy into a scratch buffer first: on the machines measured, hashing through the
     mapping was 2-4x faster than through ``pread``). Committed payload files and packs are never written in
-    place (every write goes to a temporary name and is renamed), so the mapping cannot see them change.
+    place (every write goes to a temporary name and is renamed), so the mapping cannot see them change. Pages
+    are hashed in chunks and unmapped from this process once hashed (``MADV_DONTNEED``: they stay in the page
+    cache), so that a restore does not hold the whole file in its resident memory. Tensors are read with
+    ``preadv`` (a copy out of the page cache, without mapping the pages a second time), a large one by several
+    threads at once.
     """
 
     def __init__(self, path: str, size: int, fd: int | None = None, buf: bytearray | None = None) -> None:
@@ -75,13 +80,32 @@ class PayloadFile:
             view[:] = memoryview(self._buf)[offset : offset + len(view)]
             return
         assert self._fd is not None
-        mm = self._mapped()
-        if mm is not None:
-            if offset + len(view) > self.size:
-                raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
-            with memoryview(mm) as whole:
-                view[:] = whole[offset : offset + len(view)]
+        parts = min(_READ_THREADS, len(view) // _CHUNK)
+        if parts < 2:
+            self._pread(offset, view)
             return
+        # a large tensor is read by several threads at once (preadv releases the GIL: copying out of the page
+        # cache is what a restore spends its time on)
+        cut = [len(view) * i // parts for i in range(parts + 1)]
+        errors: list[BaseException] = []
+
+        def part(i: int) -> None:
+            try:
+                self._pread(offset + cut[i], view[cut[i] : cut[i + 1]])
+            except BaseException as e:  # raised in the caller
+                errors.append(e)
+
+        threads = [threading.Thread(target=part, args=(i,), name="autockpt-read") for i in range(1, parts)]
+        for t in threads:
+            t.start()
+        part(0)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _pread(self, offset: int, view: memoryview) -> None:
+        assert self._fd is not None
         got = 0
         while got < len(view):
             n = os.preadv(self._fd, [view[got:]], offset + got)
@@ -100,8 +124,12 @@ class PayloadFile:
         if mm is not None:
             if offset + n > self.size:
                 raise CorruptCheckpointError(f"{self.path}: ended early (changed while being read?)")
-            with memoryview(mm) as whole, whole[offset : offset + n] as view:
-                h.update(view)  # xxhash releases the GIL: several ranges hash at once
+            with memoryview(mm) as whole:
+                for pos in range(offset, offset + n, _CHUNK):
+                    end = min(pos + _CHUNK, offset + n)
+                    with whole[pos:end] as view:
+                        h.update(view)  # xxhash releases the GIL: several ranges hash at once
+                    _unmap(mm, pos, end - pos)
             return str(h.hexdigest())
         chunk = getattr(_scratch, "buf", None)  # one buffer per thread: fresh pages are not free
         if chunk is None:
@@ -137,6 +165,18 @@ class PayloadFile:
             os.close(self._fd)
             self._fd = None
         self._buf = None
+
+
+def _unmap(mm: mmap.mmap, offset: int, n: int) -> None:
+    """Drop the whole pages of ``[offset, offset + n)`` from this process's mapping (not from the page cache:
+    a later access maps them again)."""
+    begin = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):  # not supported here: the pages stay mapped until close()
+            pass
 
 
 class Fence(Protocol):
