@@ -76,3 +76,18 @@ def test_staging_buffers_are_prepared_ahead_of_the_first_save(tmp_path: Path) ->
         target["w"] += 1
         assert mgr.save(11, target)
     assert torch.equal(autockpt.load(tmp_path, step=11)["w"], torch.arange(1000.0) + 2)
+
+
+def test_a_restore_that_finds_nothing_stages_ahead_too(tmp_path: Path) -> None:
+    """A fresh run (the plain loop's resume, the callbacks' start) restores nothing; its first save, even one
+    due at once, copies into buffers allocated meanwhile, not new ones."""
+    state = {"w": torch.arange(1000.0), "n": 5}
+    with autockpt.CheckpointManager(tmp_path, async_save=True) as mgr:
+        assert mgr.restore(state) is None
+        assert mgr._background.staged
+        mgr._background._preparing.join()
+        prepared = {id(b) for b in mgr._background._buffers.values()}
+        assert len(prepared) == 1
+        assert mgr.save(1, state)
+        assert {id(b) for b in mgr._background._buffers.values()} == prepared
+    assert torch.equal(autockpt.load(tmp_path)["w"], state["w"])

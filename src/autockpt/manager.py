@@ -741,7 +741,8 @@ class CheckpointManager:
             return self._coord.run_raising_everywhere(self._from_a_copy, s, lambda c: open_checkpoint(c, s))
 
         found = newest_that_verifies(steps, verify, strict=step is not None)
-        if found is None:
+        if found is None:  # a fresh run: its first save is due soon
+            self._stage_ahead(state)
             return None
         s, ckpt = found
         self._verified.add(self._identity(ckpt.manifest))
