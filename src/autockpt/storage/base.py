@@ -85,7 +85,9 @@ class PayloadFile:
             self._pread(offset, view)
             return
         # a large tensor is read by several threads at once (preadv releases the GIL: copying out of the page
-        # cache is what a restore spends its time on)
+        # cache is what a restore spends its time on). The caller reads the first part itself: a
+        # ThreadPoolExecutor per call (every part in a pool thread) made a 1 GiB restore 0.30-0.36 s instead of
+        # 0.24-0.27 s, alternated side by side
         cut = [len(view) * i // parts for i in range(parts + 1)]
         errors: list[BaseException] = []
 
