@@ -170,6 +170,50 @@ def test_checkpoint_restores_into_fresh_model_with_plain_manager(s3_server: obje
     assert np.array_equal(fresh.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
 
 
+def _mixed_model() -> keras.Model:
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, dtype="bfloat16"), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def _as_float(v: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(v, "float32")))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the torch backend's variables")
+def test_torch_backend_saves_and_restores_the_variables_own_memory(tmp_path: Path) -> None:
+    """No copy of the model in the foreground of a save, none on restore: the checkpoint reads the variables'
+    own tensors (bfloat16 ones too) and the restore reads into them; a checkpoint of NumPy copies (what
+    VariablesState saved before) still restores."""
+    keras.utils.set_random_seed(3)
+    x, y = keras_train.data()
+    model = _mixed_model()
+    model.fit(x[:32], y[:32], batch_size=16, epochs=1, verbose=0)
+    saved = VariablesState(model.variables).state_dict()
+    assert "bfloat16" in {str(v.dtype) for v in model.variables}
+    for i, var in enumerate(model.variables):
+        assert saved[f"{i:04d}"].data_ptr() == internals.variable_storage(var).data_ptr(), var.path
+    autockpt.CheckpointManager(tmp_path / "ck").save(1, {"model": VariablesState(model.variables)})
+    float_vars = [v for v in model.variables if v.dtype != "bfloat16"]
+    autockpt.CheckpointManager(tmp_path / "old").save(1, {"model": {f"{i:04d}": _as_float(v) for i, v in
+                                                                     enumerate(float_vars)}})
+
+    fresh = _mixed_model()
+    where = [internals.variable_storage(v).data_ptr() for v in fresh.variables]
+    assert not all(np.array_equal(_as_float(a), _as_float(b)) for a, b in zip(fresh.variables, model.variables,
+                                                                              strict=True))
+    assert autockpt.CheckpointManager(tmp_path / "ck").restore({"model": VariablesState(fresh.variables)}) == 1
+    for a, b in zip(fresh.variables, model.variables, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(_as_float(a), _as_float(b)), a.path
+    assert [internals.variable_storage(v).data_ptr() for v in fresh.variables] == where
+    assert np.array_equal(fresh.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
+
+    again = [v for v in _mixed_model().variables if v.dtype != "bfloat16"]
+    assert autockpt.CheckpointManager(tmp_path / "old").restore({"model": VariablesState(again)}) == 1
+    for a, b in zip(again, float_vars, strict=True):
+        assert np.array_equal(_as_float(a), _as_float(b)), a.path
+
+
 def test_mismatched_model_raises_before_touching_it(tmp_path: Path) -> None:
     model = keras_train.build()
     _fit(model, [AutoCheckpoint(tmp_path / "ck", save_freq="epoch")], epochs=1)
@@ -252,7 +296,14 @@ def test_keras_internals_pinned() -> None:
 
     model = keras_train.build()
     x, y = keras_train.data()
+    kernel = internals.variable_storage(model.weights[0])
+    before = None if kernel is None else kernel.clone()
     hist = model.fit(x[:64], y[:64], batch_size=16, epochs=3, callbacks=[Probe()], verbose=0)
+    if keras.backend.backend() == "torch":  # training updates the variable's own tensor in place
+        assert kernel is not None and not kernel.equal(before)
+        assert np.array_equal(kernel.numpy(), keras.ops.convert_to_numpy(model.weights[0]))
+    else:
+        assert kernel is None
     assert "Probe" in seen["callbacks"] and "History" in seen["callbacks"]  # type: ignore[operator]
     assert hist.epoch == [1, 2]  # fit read model._initial_epoch after on_train_begin
     assert seen["batches"] == [3, 0, 1, 2, 3]  # epoch 1 started at batch 3, epoch 2 was whole

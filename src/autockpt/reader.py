@@ -75,6 +75,10 @@ class Checkpoint:
         f, start = self.files[file_key(meta)]
         dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["offsets"]
         framework = meta.get("framework", "numpy")
+        into = None if framework == "numpy_scalar" else _host_bytes_of(like, dtype, shape)
+        if into is not None:  # whichever framework saved it: the bytes are the same
+            self._read(f, start, b, e, into)
+            return like
         torch = sys.modules.get("torch")
         if framework == "torch" and torch is None:
             try:
@@ -82,29 +86,21 @@ class Checkpoint:
             except ImportError:
                 torch = None
         if framework == "torch" and torch is not None:
-            tdtype = getattr(torch, ST_TO_TORCH[dtype])
-            inplace = (is_torch_tensor(like) and like.device.type == "cpu" and like.dtype == tdtype
-                       and list(like.shape) == shape and like.is_contiguous())
-            out = like.detach() if inplace else torch.empty(shape, dtype=tdtype)
-            if e > b:
-                f.read_into(start + b, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-                if self.on_bytes is not None:
-                    self.on_bytes(e - b)
-            return like if inplace else out
+            out = torch.empty(shape, dtype=getattr(torch, ST_TO_TORCH[dtype]))
+            self._read(f, start, b, e, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            return out
         np_dtype = ST_DTYPES[dtype][0]
         if np_dtype is None:
             raise CorruptCheckpointError(f"tensor {name!r} has dtype {dtype}: install torch to load it")
-        if (isinstance(like, np.ndarray) and like.dtype == np_dtype and list(like.shape) == shape
-                and like.flags.c_contiguous and like.flags.writeable):
-            arr = like
-        else:
-            arr = np.empty(shape, dtype=np_dtype)
-        arr = cast(Any, arr)
+        arr = cast(Any, np.empty(shape, dtype=np_dtype))
+        self._read(f, start, b, e, memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr[()] if framework == "numpy_scalar" else arr
+
+    def _read(self, f: Any, start: int, b: int, e: int, into: memoryview) -> None:
         if e > b:
-            f.read_into(start + b, memoryview(arr.reshape(-1).view(np.uint8)))
+            f.read_into(start + b, into)
             if self.on_bytes is not None:
                 self.on_bytes(e - b)
-        return arr[()] if framework == "numpy_scalar" else arr
 
     def state(self) -> dict[str, Any]:
         """The whole state as plain values and newly allocated tensors."""
@@ -119,6 +115,20 @@ class Checkpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _host_bytes_of(like: Any, dtype: str, shape: list[int]) -> memoryview | None:
+    """The writable bytes of ``like`` if it is a contiguous host tensor (torch or NumPy) of ``dtype`` and
+    ``shape``, else None."""
+    if isinstance(like, np.ndarray):
+        fits = (like.dtype == ST_DTYPES[dtype][0] and list(like.shape) == shape and like.flags.c_contiguous
+                and like.flags.writeable)
+        return like.reshape(-1).view(np.uint8).data if fits else None
+    if is_torch_tensor(like) and like.device.type == "cpu" and str(like.dtype) == f"torch.{ST_TO_TORCH.get(dtype)}" \
+            and list(like.shape) == shape and like.is_contiguous():
+        t = like.detach()
+        return memoryview(t.reshape(-1).view(sys.modules["torch"].uint8).numpy())
+    return None
 
 
 def file_key(meta: dict[str, Any]) -> str:

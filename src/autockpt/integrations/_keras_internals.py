@@ -35,6 +35,8 @@ What we rely on:
    batch), unless a distribution strategy is set; ``Model._symbolic_build(data_batch=...)`` builds them
    from the dataset's ``element_spec`` (what the torch trainer does before ``on_train_begin``), so a
    checkpoint's running metrics can be checked and restored before the first batch.
+9. torch backend: a ``Variable`` keeps its value in ``_value``, a ``torch.nn.Parameter`` that training
+   updates in place (``_direct_assign`` is ``copy_``), so a detached view of it is the variable's own memory.
 
 One job: every Keras internal the Keras callback touches, in one place. Imports nothing of autockpt
 (keras, and torch or tensorflow when the backend uses them).
@@ -195,6 +197,14 @@ def sync_backend_state(model: Any) -> None:
     sync = getattr(model, "jax_state_sync", None)
     if callable(sync):
         sync()
+
+
+def variable_storage(variable: Any) -> Any:
+    """Torch backend: the variable's own memory as a detached torch tensor (no copy), or None where the
+    backend keeps its value otherwise (TensorFlow, JAX) or the variable is not built yet (see 9 above)."""
+    torch = sys.modules.get("torch")
+    value = getattr(variable, "_value", None)
+    return value.detach() if torch is not None and isinstance(value, torch.Tensor) else None
 
 
 def set_initial_epoch(model: Any, epoch: int | None) -> None:

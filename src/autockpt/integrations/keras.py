@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from autockpt.errors import InvalidArgumentError, StateMismatchError
-from autockpt.format import is_stateful
+from autockpt.format import is_stateful, is_tensor, is_torch_tensor
 from autockpt.integrations import _keras_internals as internals
 from autockpt.manager import CheckpointManager
 from autockpt.options import check_bool, check_directory, check_positive
@@ -51,8 +51,22 @@ def _np(v: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(v))
 
 
+def _value(v: Any) -> Any:
+    """A variable's value for the checkpoint: on the torch backend its own memory (no copy: a save snapshots
+    it, a restore reads straight into it), elsewhere a NumPy copy."""
+    own = internals.variable_storage(v)
+    return _np(v) if own is None else own
+
+
+def _dtype_name(value: Any) -> str:
+    return str(value.dtype).removeprefix("torch.")
+
+
 class VariablesState:
-    """A list of Keras variables as a stateful object: ``state_dict()`` gives NumPy copies keyed by position.
+    """A list of Keras variables as a stateful object: ``state_dict()`` gives their values keyed by position.
+
+    On the torch backend the values are the variables' own tensors (no copy: a save snapshots them and a
+    restore reads into them); on other backends they are NumPy copies.
 
     ``load_state_dict`` checks every key, shape and dtype before assigning anything, and raises
     ``StateMismatchError`` (leaving every variable untouched) if the checkpoint does not fit.
@@ -69,14 +83,14 @@ class VariablesState:
         self.name = name
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"{i:04d}": _np(v) for i, v in enumerate(self.variables)}
+        return {f"{i:04d}": _value(v) for i, v in enumerate(self.variables)}
 
     def describe_key(self, key: str) -> str | None:
         """The path of the variable stored under ``key`` (``"0000"`` -> ``"dense/kernel"``), for messages."""
         i = int(key) if key.isdigit() else -1
         return str(self.variables[i].path) if 0 <= i < len(self.variables) else None
 
-    def _check(self, state: dict[str, Any]) -> list[np.ndarray]:
+    def _check(self, state: dict[str, Any]) -> list[Any]:
         keys = [f"{i:04d}" for i in range(len(self.variables))]
         if sorted(state) != keys:
             raise StateMismatchError(
@@ -85,11 +99,11 @@ class VariablesState:
             )
         out, bad = [], []
         for key, var in zip(keys, self.variables, strict=True):
-            value = np.asarray(state[key])
-            want = (tuple(int(d) for d in var.shape), np.dtype(keras.backend.standardize_dtype(var.dtype)))
-            if (value.shape, value.dtype) != want:
-                bad.append(f"{key} {var.path} (model {want[1]}{list(want[0])}, checkpoint {value.dtype}"
-                           f"{list(value.shape)})")
+            value = state[key] if is_tensor(state[key]) else np.asarray(state[key])
+            want = (tuple(int(d) for d in var.shape), keras.backend.standardize_dtype(var.dtype))
+            got = (tuple(int(d) for d in value.shape), _dtype_name(value))
+            if got != want:
+                bad.append(f"{key} {var.path} (model {want[1]}{list(want[0])}, checkpoint {got[1]}{list(got[0])})")
             out.append(value)
         if bad:
             raise StateMismatchError(f"{self.name}: variables do not match; nothing was restored: "
@@ -99,6 +113,9 @@ class VariablesState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = self._check(state)
         for var, value in zip(self.variables, values, strict=True):
+            own = internals.variable_storage(var)
+            if own is not None and is_torch_tensor(value) and value.data_ptr() == own.data_ptr():
+                continue  # the restore read it into the variable's own memory
             var.assign(value)
 
 
