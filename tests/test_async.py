@@ -91,3 +91,44 @@ def test_a_restore_that_finds_nothing_stages_ahead_too(tmp_path: Path) -> None:
         assert mgr.save(1, state)
         assert {id(b) for b in mgr._background._buffers.values()} == prepared
     assert torch.equal(autockpt.load(tmp_path)["w"], state["w"])
+
+
+def _cached_pages(path: Path) -> float:
+    """The fraction of ``path``'s pages in the page cache (mincore), 0..1."""
+    import mmap
+
+    import numpy as np
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = np.frombuffer(mm, np.uint8).ctypes.data
+    assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
+    del addr
+    mm.close()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("dedup", [True, False])
+def test_an_async_save_writes_around_the_page_cache(tmp_path: Path, dedup: bool) -> None:
+    """The background writer (its file threads too) leaves the payload out of the page cache; a sync save, the
+    control, leaves it in; both restore."""
+    state = {f"w{i}": torch.full((2**20 + 7 * i,), float(i)) for i in range(6)}  # ~24 MiB
+    for async_save in (False, True):
+        where = tmp_path / str(async_save)
+        with autockpt.CheckpointManager(where, async_save=async_save, dedup=dedup) as mgr:
+            mgr.shard_bytes = 8 * 2**20  # several files, written by a pool of threads
+            assert mgr.save(1, state)
+        files = sorted(where.rglob("*.safetensors"))
+        assert len(files) >= 3, files
+        cached = [_cached_pages(p) for p in files]
+        if async_save:
+            assert max(cached) < 0.1, cached
+        else:
+            assert min(cached) > 0.9, cached
+        loaded = autockpt.load(where)
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
