@@ -9,7 +9,6 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -181,50 +180,3 @@ def test_many_small_tensors_of_every_kind_round_trip_and_the_collector_is_left_o
     if not dedup:  # still a plain safetensors file
         plain = safetensors.torch.load_file(str(next((tmp_path / "run").glob("step_*/*.safetensors"))))
         assert torch.equal(plain["big"], big), f"seed {seed}"
-
-
-def _o_direct_refused(directory: Path) -> bool:
-    import fcntl
-
-    with open(directory / "probe", "wb") as f:
-        try:
-            fcntl.fcntl(f.fileno(), fcntl.F_SETFL, fcntl.fcntl(f.fileno(), fcntl.F_GETFL) | os.O_DIRECT)
-        except OSError:
-            return True
-    return False
-
-
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
-def test_direct_writes_write_the_same_file_with_o_direct(tmp_path: Path, seed: int) -> None:
-    """``direct_writes()`` gives the very bytes, size, checksum and offsets of a buffered write, and the kernel
-    says its writes were O_DIRECT (tails shorter than a block, sizes past the aligned buffer, many small ones)."""
-    from autockpt.format import TensorEntry, direct_writes, write_safetensors
-
-    if _o_direct_refused(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    rng = np.random.default_rng(seed)
-    sizes = [3, 4096 // 4, 9 * 2**20 // 4 + int(rng.integers(1, 4000)), *rng.integers(1, 3000, 300).tolist()]
-    arrays = [rng.standard_normal(int(n)).astype("float32") for n in sizes]
-    entries = [TensorEntry(f"t{i}", a, "numpy", "F32", [a.size]) for i, a in enumerate(arrays)]
-    for count in (1, 3, len(entries)):  # a file of 1 tiny tensor, one under the buffer, one past it
-        with open(tmp_path / "buffered", "wb") as f:
-            plain = write_safetensors(f, entries[:count])
-        with open(tmp_path / "direct", "wb") as f, direct_writes():
-            direct, seen = _written(f, entries[:count])
-        assert direct == plain, f"seed {seed}"
-        assert (tmp_path / "direct").read_bytes() == (tmp_path / "buffered").read_bytes(), f"seed {seed}"
-        assert any(seen), f"seed {seed}: no write was O_DIRECT"
-        with open(tmp_path / "again", "wb") as f:  # outside the block: buffered
-            _, seen = _written(f, entries[:count])
-        assert seen and not any(seen)
-
-
-def _written(f: Any, entries: list[Any]) -> tuple[Any, list[bool]]:
-    """``write_safetensors(f, entries)``'s result, and whether O_DIRECT was on at each write (the kernel's word)."""
-    from autockpt.format import write_safetensors
-
-    seen: list[bool] = []
-    fdinfo = Path(f"/proc/self/fdinfo/{f.fileno()}")
-    result = write_safetensors(f, entries, on_bytes=lambda n: seen.append(
-        bool(int(fdinfo.read_text().split("flags:")[1].split()[0], 8) & os.O_DIRECT)))
-    return result, seen

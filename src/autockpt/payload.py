@@ -13,21 +13,12 @@ import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import xxhash
 
-from autockpt.format import (
-    CHECKSUM,
-    CONTENT_HASH,
-    TensorEntry,
-    direct_writes,
-    is_torch_tensor,
-    tensor_bytes,
-    write_safetensors,
-    writing_direct,
-)
+from autockpt.format import CHECKSUM, CONTENT_HASH, TensorEntry, is_torch_tensor, tensor_bytes, write_safetensors
 from autockpt.format.tree import paused_gc
 from autockpt.storage import BlobStore, CheckpointWriter, step_dirname
 
@@ -54,24 +45,6 @@ def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEnt
         groups[i].append(e)
         loads[i] += e.nbytes
     return groups
-
-
-T = TypeVar("T")
-
-
-def _each_file(write_one: Callable[[int], T], n: int) -> list[T]:
-    """``[write_one(i) for i in range(n)]``, up to 4 files at once, each written as the caller writes
-    (``direct_writes`` or not)."""
-    if n == 1:
-        return [write_one(0)]
-    direct = writing_direct()
-
-    def run(i: int) -> T:
-        with direct_writes(direct):
-            return write_one(i)
-
-    with ThreadPoolExecutor(max_workers=min(n, 4), thread_name_prefix="autockpt-write") as pool:
-        return list(pool.map(run, range(n)))
 
 
 def content_hashes(datas: Mapping[str, memoryview]) -> dict[str, str]:
@@ -122,10 +95,14 @@ def write_payload(
         f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
     ]
 
-    def write_one(i: int) -> tuple[int, str, dict[str, list[int]]]:
-        return writer.write_file(names[i], lambda f: write_safetensors(f, groups[i], on_bytes))
+    def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
+        return writer.write_file(name, lambda f: write_safetensors(f, group, on_bytes))
 
-    results = _each_file(write_one, len(groups))
+    if len(groups) == 1:
+        results = [write_one(names[0], groups[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
+            results = list(pool.map(write_one, names, groups))
     files: dict[str, dict[str, Any]] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for name, group, (size, digest, offsets) in zip(names, groups, results, strict=True):
@@ -192,7 +169,11 @@ def write_deduplicated(
             return blobs.write(names[i], lambda f: write_safetensors(f, groups[i], on_bytes, checksum=False,
                                                                      content_hashes=inline[i], datas=datas))
 
-        results = _each_file(write_one, len(groups))
+        if len(groups) == 1:
+            results = [write_one(0)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
+                results = list(pool.map(write_one, range(len(groups))))
         for name, got, (size, _, offsets) in zip(names, inline, results, strict=True):
             written += size
             for tname, (b, end) in offsets.items():

@@ -3,9 +3,8 @@
 One job: ``async_save=True``'s mechanics, apart from the manager's decisions. ``snapshot`` copies each tensor
 into its host staging buffer (reused from the previous save while it still fits; pinned for CUDA sources;
 ``prepare`` allocates them ahead of the first save, in the background) and waits for the device copies to
-land; ``start`` runs the write in a background thread at the lowest CPU priority, writing local files around
-the page cache (Linux; ``format.direct_writes``); ``join`` waits for it and raises its error. Imports
-``autockpt.errors`` and ``autockpt.format``; torch only through ``sys.modules``.
+land; ``start`` runs the write in a background thread at the lowest CPU priority (Linux); ``join`` waits for
+it and raises its error. Imports ``autockpt.errors`` and ``autockpt.format``; torch only through ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from autockpt.errors import SaveError
-from autockpt.format import TensorEntry, direct_writes, is_torch_tensor
+from autockpt.format import TensorEntry, is_torch_tensor
 
 log = logging.getLogger("autockpt")
 _NICE = 19  # the background writer's nice value (Linux, per thread)
@@ -123,8 +122,7 @@ class BackgroundSaver:
         def run() -> None:
             try:
                 _lower_priority()
-                with direct_writes():  # around the page cache: far less CPU taken from training
-                    write()
+                write()
                 self._finished = True
             except BaseException as e:  # surfaced by the next save()/wait_until_finished()/close()
                 if not isinstance(e, Exception):  # the thread was made to die (SystemExit, KeyboardInterrupt, ...)

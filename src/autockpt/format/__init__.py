@@ -55,11 +55,9 @@ from autockpt.format.dtypes import (
 from autockpt.format.safetensors import (
     FORMAT_VERSION,
     MAX_HEADER_BYTES,
-    direct_writes,
     parse_safetensors_header,
     safetensors_header,
     write_safetensors,
-    writing_direct,
 )
 from autockpt.format.tree import TensorEntry, TreeEncoder, decode_tree, paused_gc
 from autockpt.storage.names import MANIFEST_NAME, MAX_MANIFEST_BYTES, valid_file_name
@@ -183,8 +181,7 @@ __all__ = [
     "CHECKSUM", "CONTENT_HASH", "DEDUP_FORMAT_VERSION",
     "FORMAT_VERSION", "MANIFEST_NAME", "MAX_HEADER_BYTES", "MAX_MANIFEST_BYTES", "NP_TO_ST", "ST_DTYPES",
     "ST_TO_TORCH", "TENSORS_NAME", "TORCH_TO_ST", "TensorEntry", "TensorMeta", "TreeEncoder", "decode_tree",
-    "direct_writes",
     "dump_manifest", "is_stateful", "is_tensor", "is_torch_tensor", "json_plain", "library_versions", "new_manifest",
     "parse_manifest", "parse_safetensors_header", "paused_gc", "safetensors_header", "tensor_bytes",
-    "tensor_dtype_code", "tensor_shape", "valid_file_name", "write_safetensors", "writing_direct",
+    "tensor_dtype_code", "tensor_shape", "valid_file_name", "write_safetensors",
 ]

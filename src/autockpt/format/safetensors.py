@@ -5,15 +5,11 @@ One job: the safetensors container. Imports ``autockpt.errors`` and ``autockpt.f
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
-import mmap
 import os
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import xxhash
@@ -27,36 +23,6 @@ MAX_HEADER_BYTES = 100 * 2**20  # the limit the safetensors library itself appli
 _CHUNK = 64 * 2**20
 _SMALL = 1 * 2**20  # tensors below this size are written in batches ...
 _BATCH = 8 * 2**20  # ... of about this size
-_DIRECT_BUFFER = 8 * 2**20  # the page-aligned buffer of direct writes (a multiple of _BLOCK)
-_BLOCK = 4096  # the alignment O_DIRECT asks of offsets, lengths and memory on common Linux filesystems
-_direct = threading.local()
-
-
-@contextmanager
-def direct_writes(on: bool = True) -> Iterator[None]:
-    """Within the block, this thread writes safetensors files on local disks around the page cache.
-
-    Linux ``O_DIRECT``, through a page-aligned buffer: the bytes go from it to the disk, not first into the
-    page cache, whose copying, dirty-page throttling and writeback cost a buffered 600 MB write 0.3-1.2 s of
-    CPU here, against 0.2 s this way (for a background save, CPU taken from training). Files stay fsynced by
-    whoever opened them; where the system or filesystem refuses ``O_DIRECT`` the writes are buffered as before.
-
-    ```python
-    with direct_writes():
-        write_safetensors(f, entries)
-    ```
-    """
-    before = getattr(_direct, "on", False)
-    _direct.on = on
-    try:
-        yield
-    finally:
-        _direct.on = before
-
-
-def writing_direct() -> bool:
-    """Whether this thread is inside ``direct_writes()`` (for handing it on to the threads it starts)."""
-    return bool(getattr(_direct, "on", False))
 
 
 
@@ -110,7 +76,7 @@ def write_safetensors(
             th.update(chunk)
         if content_hashes is not None:
             content_hashes[entry.name] = th.hexdigest()
-    sink.close()
+    sink.flush()
     return sink.size, h.hexdigest(), offsets
 
 
@@ -129,7 +95,6 @@ class _Gather:
             self.fd: int | None = f.fileno() if isinstance(f, io.BufferedWriter) else None
         except (OSError, ValueError):
             self.fd = None
-        self.direct = _Direct.open(self.fd) if self.fd is not None and writing_direct() else None
 
     def add(self, data: memoryview) -> None:
         self.pending.append(data)
@@ -142,17 +107,9 @@ class _Gather:
             self.write(self.pending)
             self.pending, self.pending_bytes = [], 0
 
-    def close(self) -> None:
-        self.flush()
-        if self.direct is not None:
-            self.direct.close()
-
     def write(self, bufs: list[memoryview]) -> None:
         n = sum(len(b) for b in bufs)
-        if self.direct is not None:
-            for b in bufs:
-                self.direct.write(b)
-        elif self.fd is None:
+        if self.fd is None:
             self.f.write(bufs[0] if len(bufs) == 1 else b"".join(bufs))
         else:
             self.f.flush()  # nothing buffered may follow these bytes
@@ -166,74 +123,6 @@ class _Gather:
         self.size += n
         if self.on_bytes is not None:
             self.on_bytes(n)
-
-
-class _Direct:
-    """Sequential writes to a file descriptor with ``O_DIRECT``: bytes gather in a page-aligned buffer, written
-    whenever it is full; the last partial block is written buffered. Falls back to buffered writes for good if a
-    direct write is refused (``EINVAL``: alignment the filesystem does not take)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.on, self.n = fd, True, 0
-        self.buf = mmap.mmap(-1, _DIRECT_BUFFER)
-        self.view = memoryview(self.buf)
-
-    @classmethod
-    def open(cls, fd: int) -> _Direct | None:
-        """Direct writes to ``fd`` from its current offset, or None where they cannot be had."""
-        flag = getattr(os, "O_DIRECT", 0)
-        try:
-            if not flag or os.lseek(fd, 0, os.SEEK_CUR) % _BLOCK:
-                return None
-            _set_flags(fd, flag, True)
-        except OSError:  # e.g. a filesystem without O_DIRECT
-            return None
-        return cls(fd)
-
-    def write(self, data: memoryview) -> None:
-        while len(data):
-            k = min(len(data), _DIRECT_BUFFER - self.n)
-            self.view[self.n : self.n + k] = data[:k]
-            self.n += k
-            data = data[k:]
-            if self.n == _DIRECT_BUFFER:
-                self._drain(self.n)
-
-    def _drain(self, n: int) -> None:
-        """Write the first ``n`` bytes of the buffer (``n`` a multiple of the block), keep the rest first."""
-        out = self.view[:n]
-        while len(out):
-            try:
-                out = out[os.write(self.fd, out):]
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self.on:
-                    raise
-                self._buffered()  # nothing was written: the same bytes go again, buffered
-        rest = self.n - n
-        if n and rest:  # less than a block is left, after at least one: the ranges do not overlap
-            self.view[:rest] = self.view[n : self.n]
-        self.n = rest
-
-    def _buffered(self) -> None:
-        if self.on:
-            _set_flags(self.fd, os.O_DIRECT, False)
-            self.on = False
-
-    def close(self) -> None:
-        try:
-            self._drain(self.n - self.n % _BLOCK)
-            self._buffered()
-            self._drain(self.n)
-        finally:
-            self.view.release()
-            self.buf.close()
-
-
-def _set_flags(fd: int, flag: int, on: bool) -> None:
-    import fcntl
-
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | flag if on else flags & ~flag)
 
 
 class _NoHash:
