@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import xxhash
@@ -45,6 +45,17 @@ def _shards(entries: list[TensorEntry], shard_bytes: int) -> list[list[TensorEnt
         groups[i].append(e)
         loads[i] += e.nbytes
     return groups
+
+
+T = TypeVar("T")
+
+
+def _each_file(write_one: Callable[[int], T], n: int) -> list[T]:
+    """``[write_one(i) for i in range(n)]``, up to 4 files at once."""
+    if n == 1:
+        return [write_one(0)]
+    with ThreadPoolExecutor(max_workers=min(n, 4), thread_name_prefix="autockpt-write") as pool:
+        return list(pool.map(write_one, range(n)))
 
 
 def content_hashes(datas: Mapping[str, memoryview]) -> dict[str, str]:
@@ -95,14 +106,10 @@ def write_payload(
         f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
     ]
 
-    def write_one(name: str, group: list[TensorEntry]) -> tuple[int, str, dict[str, list[int]]]:
-        return writer.write_file(name, lambda f: write_safetensors(f, group, on_bytes))
+    def write_one(i: int) -> tuple[int, str, dict[str, list[int]]]:
+        return writer.write_file(names[i], lambda f: write_safetensors(f, groups[i], on_bytes))
 
-    if len(groups) == 1:
-        results = [write_one(names[0], groups[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
-            results = list(pool.map(write_one, names, groups))
+    results = _each_file(write_one, len(groups))
     files: dict[str, dict[str, Any]] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for name, group, (size, digest, offsets) in zip(names, groups, results, strict=True):
@@ -169,11 +176,7 @@ def write_deduplicated(
             return blobs.write(names[i], lambda f: write_safetensors(f, groups[i], on_bytes, checksum=False,
                                                                      content_hashes=inline[i], datas=datas))
 
-        if len(groups) == 1:
-            results = [write_one(0)]
-        else:
-            with ThreadPoolExecutor(max_workers=min(len(groups), 4), thread_name_prefix="autockpt-write") as pool:
-                results = list(pool.map(write_one, range(len(groups))))
+        results = _each_file(write_one, len(groups))
         for name, got, (size, _, offsets) in zip(names, inline, results, strict=True):
             written += size
             for tname, (b, end) in offsets.items():
